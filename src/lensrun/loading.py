@@ -1,0 +1,131 @@
+"""Finding and checking a diffusers-layout Lens checkpoint (local folder or Hugging Face repo), safetensors only.
+
+Every check here reads file names and safetensors headers only, so a bad folder is reported before gigabytes
+are read: missing folder, missing subfolder, pickle weights, missing keys, shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lensrun.errors import LensrunError
+
+COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what the pipeline reads: configs, safetensors, tokenizer files. Pickles are never downloaded.
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*", "*/*.jinja"]
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local folder as is, or a Hub repo id (``owner/name``) through the local cache / download."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if not _REPO_ID.match(text) or path.exists():
+        raise LensrunError(f"model folder not found: {text}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as err:
+        raise LensrunError(
+            f"model '{text}' is not a local folder and is not in the Hugging Face cache "
+            f"(offline, or the Hub is unreachable): {err}"
+        ) from None
+    except HfHubHTTPError as err:
+        raise LensrunError(f"model '{text}' is not a local folder and could not be fetched from the Hub: {err}") from None
+
+
+def check_layout(root: Path) -> dict:
+    """Validate model_index.json and the component subfolders; return the model index."""
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise LensrunError(
+            f"{root} has no model_index.json: expected a diffusers-layout Lens folder "
+            f"(model_index.json + {', '.join(c + '/' for c in COMPONENTS)})"
+        )
+    index = json.loads(index_file.read_text())
+    for name in COMPONENTS:
+        if not (root / name).is_dir():
+            raise LensrunError(f"missing subfolder '{name}/' in {root} (a Lens checkpoint needs {', '.join(COMPONENTS)})")
+    for name in WEIGHT_COMPONENTS:
+        safetensor_files(root / name)
+    return index
+
+
+def safetensor_files(folder: Path) -> list[Path]:
+    """The folder's safetensors shards; pickle-only folders are refused, never opened."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LensrunError(
+            f"refusing to load {folder / pickles[0]}: lensrun loads safetensors weights only "
+            f"(pickle files can run code when opened); convert the checkpoint to .safetensors"
+        )
+    raise LensrunError(f"no .safetensors weights in {folder}")
+
+
+def _key_to_file(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to its shard (headers only)."""
+    mapping: dict[str, Path] = {}
+    for file in safetensor_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                mapping[key] = file
+    return mapping
+
+
+def check_shapes(folder: Path, expected: dict[str, torch.Tensor], ignore_unexpected: bool = True) -> dict[str, Path]:
+    """Compare the checkpoint's tensor shapes with the model's; name the first bad key and both shapes."""
+    mapping = _key_to_file(folder)
+    missing = sorted(set(expected) - set(mapping))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LensrunError(f"{folder}: weight '{missing[0]}' is missing from the checkpoint{more}")
+    if not ignore_unexpected:
+        extra = sorted(set(mapping) - set(expected))
+        if extra:
+            raise LensrunError(f"{folder}: unexpected weight '{extra[0]}' in the checkpoint")
+    handles: dict[Path, object] = {}
+    try:
+        for key, ref in expected.items():
+            file = mapping[key]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt").__enter__()
+            shape = tuple(handles[file].get_slice(key).get_shape())
+            if shape != tuple(ref.shape):
+                raise LensrunError(
+                    f"{folder}: weight '{key}' has shape {list(shape)} in the checkpoint but the model "
+                    f"(from config.json) expects {list(ref.shape)}"
+                )
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return mapping
+
+
+def load_safetensors_folder(
+    folder: Path, expected: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read exactly the expected tensors (shape-checked) from a folder of shards; others are never read."""
+    mapping = check_shapes(folder, expected)
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(mapping[key], []).append(key)
+    out = {}
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in keys:
+                out[key] = f.get_tensor(key)
+    return out

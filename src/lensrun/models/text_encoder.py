@@ -1,0 +1,199 @@
+"""GPT-OSS-20B as Lens's text encoder: hidden states of selected decoder layers (LENS_SPEC §3–4).
+
+Built from transformers' GPT-OSS attention, norms and rotary embedding; only the MoE block is ours, because its
+experts stay MXFP4-packed (~9.5 GiB instead of ~36 GiB) and are dequantized one expert at a time for the matmul.
+That needs no Hub kernel download and runs on any CUDA GPU and on the CPU. ``lm_head``, the final norm and the
+layers after the last selected one are never built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer, GptOssRotaryEmbedding
+
+from lensrun import mxfp4
+
+
+class Mxfp4Experts(nn.Module):
+    """GPT-OSS experts with packed MXFP4 weights (checkpoint names ``*_blocks``, ``*_scales``, ``*_bias``)."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.alpha = 1.702
+        self.limit = config.swiglu_limit
+        u8 = dict(dtype=torch.uint8, requires_grad=False)
+        self.gate_up_proj_blocks = nn.Parameter(torch.zeros(e, 2 * i, h // 32, 16, **u8), requires_grad=False)
+        self.gate_up_proj_scales = nn.Parameter(torch.zeros(e, 2 * i, h // 32, **u8), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, dtype=dtype), requires_grad=False)
+        self.down_proj_blocks = nn.Parameter(torch.zeros(e, h, i // 32, 16, **u8), requires_grad=False)
+        self.down_proj_scales = nn.Parameter(torch.zeros(e, h, i // 32, **u8), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU-with-clamp on tokens x [T, H]."""
+        dtype = x.dtype
+        w_gu = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype)
+        gu = F.linear(x, w_gu, self.gate_up_proj_bias[e].to(dtype))
+        gate = gu[..., 0::2].clamp(max=self.limit)
+        up = gu[..., 1::2].clamp(-self.limit, self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        w_down = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype)
+        return F.linear((up + 1) * glu, w_down, self.down_proj_bias[e].to(dtype))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        flat = indices.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj_blocks.shape[0]).tolist()
+        token = order // indices.shape[1]
+        slot = order % indices.shape[1]
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            tok, sl = token[start : start + count], slot[start : start + count]
+            start += count
+            y = self.expert(e, x[tok]) * weights[tok, sl, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        return out
+
+
+class Mxfp4MoE(nn.Module):
+    """Top-k router (softmax over the selected logits) + packed experts; returns (output, router scores)."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, dtype=dtype)
+        self.experts = Mxfp4Experts(config, dtype)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, h = hidden.shape
+        x = hidden.reshape(-1, h)
+        logits = self.router(x)
+        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        scores = torch.softmax(top, dim=-1, dtype=top.dtype)
+        return self.experts(x, idx, scores).reshape(b, s, h), scores
+
+
+def gpt_oss_config(raw: dict) -> GptOssConfig:
+    """GptOssConfig from a checkpoint's config.json, accepting YaRN parameters under either key name.
+
+    Older configs carry them as ``rope_scaling``; missing them silently gives wrong RoPE (LENS_SPEC §1).
+    """
+    raw = {k: v for k, v in raw.items() if k not in ("quantization_config", "architectures", "auto_map")}
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if rope is not None:
+        rope = dict(rope)
+        rope.setdefault("rope_theta", raw.get("rope_theta", 150000.0))
+        raw["rope_parameters"] = rope
+        raw["rope_scaling"] = rope
+    config = GptOssConfig(**raw)
+    config._attn_implementation = "eager"
+    return config
+
+
+class LensTextEncoder(nn.Module):
+    """Embedding + GPT-OSS decoder layers 0..max(selected); returns the selected layers' outputs."""
+
+    def __init__(self, config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if max(selected_layers) >= config.num_hidden_layers:
+            raise ValueError(
+                f"selected layers {list(selected_layers)} exceed the encoder's {config.num_hidden_layers} layers"
+            )
+        self.config = config
+        self.selected_layers = tuple(selected_layers)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        layers = []
+        for i in range(max(selected_layers) + 1):
+            layer = GptOssDecoderLayer(config, i)
+            layer.mlp = Mxfp4MoE(config, dtype)
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+        self.rotary_emb = GptOssRotaryEmbedding(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def _masks(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Additive masks [B, 1, S, S]: causal (+ sliding window) over valid keys, per layer type."""
+        s = attention_mask.shape[1]
+        pos = torch.arange(s, device=attention_mask.device)
+        causal = pos[None, :] <= pos[:, None]
+        sliding = causal & (pos[:, None] - pos[None, :] < self.config.sliding_window)
+        keys = attention_mask.bool()[:, None, None, :]
+        neg = torch.finfo(self.dtype).min
+        to_add = lambda allowed: torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+            ~allowed, neg
+        )
+        return {
+            "full_attention": to_add(causal[None, None] & keys),
+            "sliding_attention": to_add(sliding[None, None] & keys),
+        }
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states [B, S, H] after each selected decoder layer (both residual adds, no final norm)."""
+        hidden = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.dtype)
+        hidden = hidden.to(self.layers[0].input_layernorm.weight.device)
+        attention_mask = attention_mask.to(hidden.device)
+        masks = self._masks(attention_mask)
+        position_ids = torch.arange(input_ids.shape[1], device=hidden.device)[None].expand(input_ids.shape[0], -1)
+        pos_emb = self.rotary_emb(hidden, position_ids)
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, attention_mask=masks[self.config.layer_types[i]], position_embeddings=pos_emb)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if i in self.selected_layers:
+                captured[i] = hidden
+        return [captured[i] for i in self.selected_layers]
+
+    @staticmethod
+    def expected_keys(config: GptOssConfig, selected_layers: tuple[int, ...]) -> set[str]:
+        """Checkpoint keys this encoder reads (others, e.g. lm_head and later layers, are skipped)."""
+        meta = LensTextEncoder._build_meta(config, selected_layers)
+        return {"model." + k for k in meta.state_dict()}
+
+    @staticmethod
+    def _build_meta(config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):
+        with torch.device("meta"):
+            return LensTextEncoder(config, selected_layers, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        selected_layers: tuple[int, ...],
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> LensTextEncoder:
+        """Load from a ``text_encoder/`` folder (config.json + safetensors shards), experts kept packed."""
+        from lensrun.loading import load_safetensors_folder
+
+        folder = Path(folder)
+        config = gpt_oss_config(json.loads((folder / "config.json").read_text()))
+        model = cls._build_meta(config, selected_layers, dtype)
+        expected = {"model." + k: v for k, v in model.state_dict().items()}
+        tensors = load_safetensors_folder(folder, expected, device=device)
+        state = {}
+        for key, ref in expected.items():
+            t = tensors[key]
+            keep_fp32 = key.endswith("layernorm.weight")
+            state[key[len("model.") :]] = t if t.dtype == torch.uint8 else t.to(torch.float32 if keep_fp32 else dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.rotary_emb = GptOssRotaryEmbedding(config).to(device)  # its tables are not in the checkpoint
+        return model.eval()

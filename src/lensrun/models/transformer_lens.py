@@ -1,0 +1,255 @@
+"""The Lens dual-stream MMDiT, with the checkpoint's exact parameter names (LENS_SPEC §2).
+
+Plain PyTorch on top of diffusers' ModelMixin/ConfigMixin so that ``from_pretrained(..., subfolder="transformer")``
+loads the published weights. Two attention paths share one set of weights:
+
+* masked: padded text keys get a boolean mask in every block (upstream semantics);
+* mask-free: the caller passes text cut to its valid tokens and no mask, so flash/cuDNN kernels apply.
+  Both give the same image output (LENS_SPEC §11).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
+from torch import nn
+
+ROPE_THETA = 10000.0
+
+
+def _axis_freqs(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Angles [L, dim/2] for one RoPE axis: position × 10000^(−2k/dim)."""
+    k = torch.arange(dim // 2, dtype=torch.float64, device=positions.device)
+    omega = ROPE_THETA ** (-2.0 * k / dim)
+    return (positions.to(torch.float64)[:, None] * omega[None, :]).to(torch.float32)
+
+
+def lens_rope(
+    grid: tuple[int, int], text_len: int, axes_dims: tuple[int, int, int], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [N + S, head_dim/2] for the image grid followed by ``text_len`` text tokens.
+
+    Image token (r, c): frame position 0, row r − ceil(H/2), column c − ceil(W/2).
+    Text token j: position max(H//2, W//2) + j on all three axes.
+    """
+    h, w = grid
+    d_frame, d_row, d_col = axes_dims
+    rows = torch.arange(h, device=device) - math.ceil(h / 2)
+    cols = torch.arange(w, device=device) - math.ceil(w / 2)
+    rr = rows[:, None].expand(h, w).reshape(-1)
+    cc = cols[None, :].expand(h, w).reshape(-1)
+    img = torch.cat(
+        [_axis_freqs(torch.zeros_like(rr), d_frame), _axis_freqs(rr, d_row), _axis_freqs(cc, d_col)], dim=-1
+    )
+    txt_pos = max(h // 2, w // 2) + torch.arange(text_len, device=device)
+    txt = torch.cat([_axis_freqs(txt_pos, d) for d in axes_dims], dim=-1)
+    angles = torch.cat([img, txt], dim=0)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of x [B, H, L, D] in fp32; cos/sin are [L, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP without biases: w2(SiLU(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LensJointAttention(nn.Module):
+    """Joint attention over [image; text] with per-stream QKV, QK RMSNorm and output projections."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.img_qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.txt_qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.norm_q = RMSNorm(head_dim, eps=eps)
+        self.norm_k = RMSNorm(head_dim, eps=eps)
+        self.norm_added_q = RMSNorm(head_dim, eps=eps)
+        self.norm_added_k = RMSNorm(head_dim, eps=eps)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+        self.to_add_out = nn.Linear(heads * head_dim, dim)
+
+    def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, length, _ = x.shape
+        q, k, v = proj(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[1]
+        q_i, k_i, v_i = self._qkv(self.img_qkv, x)
+        q_t, k_t, v_t = self._qkv(self.txt_qkv, c)
+        q = torch.cat([self.norm_q(q_i), self.norm_added_q(q_t)], dim=2)
+        k = torch.cat([self.norm_k(k_i), self.norm_added_k(k_t)], dim=2)
+        v = torch.cat([v_i, v_t], dim=2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+
+
+class LensTransformerBlock(nn.Module):
+    """One dual-stream block: modulated RMSNorm → joint attention → gated SwiGLU, for image and text."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.img_norm1 = RMSNorm(dim, eps=eps)
+        self.img_norm2 = RMSNorm(dim, eps=eps)
+        self.txt_norm1 = RMSNorm(dim, eps=eps)
+        self.txt_norm2 = RMSNorm(dim, eps=eps)
+        self.attn = LensJointAttention(dim, heads, head_dim, eps=eps)
+        self.img_mlp = SwiGLU(dim, mlp_hidden)
+        self.txt_mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        temb: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb)[:, None].chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        xa = self.img_norm1(x) * (1 + i_scale1) + i_shift1
+        ca = self.txt_norm1(c) * (1 + t_scale1) + t_shift1
+        attn_x, attn_c = self.attn(xa, ca, cos, sin, mask)
+        x = x + i_gate1 * attn_x
+        c = c + t_gate1 * attn_c
+        x = x + i_gate2 * self.img_mlp(self.img_norm2(x) * (1 + i_scale2) + i_shift2)
+        c = c + t_gate2 * self.txt_mlp(self.txt_norm2(c) * (1 + t_scale2) + t_shift2)
+        if x.dtype == torch.float16:
+            x, c = x.clamp(-65504, 65504), c.clamp(-65504, 65504)
+        return x, c
+
+
+class LensTimeEmbedding(nn.Module):
+    """256-channel sinusoid of t (scale 1000, cos first) → MLP; keys ``time_text_embed.timestep_embedder.*``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)
+        self.timestep_embedder = TimestepEmbedding(256, dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(self.time_proj(timestep).to(dtype))
+
+
+class LensTransformer2DModel(ModelMixin, ConfigMixin):
+    """Lens MMDiT. Input/output are packed latent tokens [B, H·W, 128] (H, W = latent grid of 2×2 patches)."""
+
+    _supports_gradient_checkpointing = False
+    _no_split_modules = ["LensTransformerBlock"]
+    _repeated_blocks = ["LensTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 2,
+        in_channels: int = 128,
+        out_channels: int = 32,
+        num_layers: int = 48,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 24,
+        inner_dim: int = 1536,
+        enc_hidden_dim: int = 2880,
+        axes_dims_rope: tuple[int, int, int] = (8, 28, 28),
+        gate_mlp: bool = True,
+        rms_norm: bool = True,
+        multi_layer_encoder_feature: bool = True,
+        selected_layer_index: tuple[int, ...] = (5, 11, 17, 23),
+    ) -> None:
+        super().__init__()
+        if not (gate_mlp and rms_norm and multi_layer_encoder_feature):
+            raise ValueError("Lens checkpoints use gate_mlp, rms_norm and multi_layer_encoder_feature = true")
+        if sum(axes_dims_rope) != attention_head_dim:
+            raise ValueError(f"axes_dims_rope {list(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}")
+        dim = inner_dim
+        n_feat = len(selected_layer_index)
+        self.time_text_embed = LensTimeEmbedding(dim)
+        self.txt_norm = nn.ModuleList([RMSNorm(enc_hidden_dim, eps=1e-5) for _ in range(n_feat)])
+        self.txt_in = nn.Linear(n_feat * enc_hidden_dim, dim)
+        self.img_in = nn.Linear(in_channels, dim)
+        mlp_hidden = int(dim / 3 * 8)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                LensTransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_hidden)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer RMSNorm (fp32 variance), concat in layer order, project to the model width."""
+        normed = [norm(f) for norm, f in zip(self.txt_norm, features, strict=True)]
+        return self.txt_in(torch.cat(normed, dim=-1).to(self.txt_in.weight.dtype))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: list[torch.Tensor],
+        encoder_hidden_states_mask: torch.Tensor | None,
+        timestep: torch.Tensor,
+        img_shapes: list[tuple[int, int, int]] | tuple[int, int, int],
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Velocity for packed latents. ``timestep`` is sigma in [0, 1].
+
+        ``encoder_hidden_states_mask`` [B, S] (bool, True = valid) masks padded text keys in every block;
+        pass None when every text token is valid (the fast path).
+        """
+        shape = img_shapes[0] if isinstance(img_shapes[0], (list, tuple)) else img_shapes
+        _, gh, gw = (int(v) for v in shape)
+        n = hidden_states.shape[1]
+        if gh * gw != n:
+            raise ValueError(f"img_shapes {gh}x{gw} does not match {n} latent tokens")
+        dtype = self.img_in.weight.dtype
+        x = self.img_in(hidden_states.to(dtype))
+        c = self.embed_text(encoder_hidden_states)
+        temb = self.time_text_embed(timestep, dtype)
+        cos, sin = lens_rope((gh, gw), c.shape[1], tuple(self.config.axes_dims_rope), device=x.device)
+        mask = None
+        if encoder_hidden_states_mask is not None:
+            keys = torch.cat(
+                [torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device), encoder_hidden_states_mask.bool()],
+                dim=1,
+            )
+            mask = keys[:, None, None, :]
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, cos, sin, mask)
+        out = self.proj_out(self.norm_out(x, temb))
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)

@@ -1,0 +1,51 @@
+"""MXFP4 (OCP microscaling FP4) as GPT-OSS ships it: E2M1 nibbles, 32 values per E8M0 scale byte.
+
+Layout (transformers' ``convert_moe_packed_tensors``): blocks [..., R, G, 16] uint8, scales [..., R, G] uint8;
+low nibble = even element, high nibble = odd element; value = LUT[nibble] · 2^(scale − 127).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_LUT_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _LUT_CACHE:
+        _LUT_CACHE[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUT_CACHE[key]
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """[..., R, G, 16] blocks + [..., R, G] scales → [..., R, G·32] values (row-major like a Linear weight)."""
+    lut = _lut(blocks.device, dtype)
+    lo = lut[(blocks & 0x0F).int()]
+    hi = lut[(blocks >> 4).int()]
+    vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., R, G, 32]
+    vals = torch.ldexp(vals, (scales.int() - 127).unsqueeze(-1).to(dtype))
+    return vals.flatten(-2)
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., R, K] float → (blocks [..., R, K/32, 16], scales [..., R, K/32]); round-to-nearest per 32-group.
+
+    Used to write test and benchmark checkpoints in the shipped format; K must be a multiple of 32.
+    """
+    *lead, k = weight.shape
+    if k % 32:
+        raise ValueError(f"MXFP4 needs the packed dimension to be a multiple of 32, got {k}")
+    w = weight.float().reshape(*lead, k // 32, 32)
+    amax = w.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-126)
+    # Smallest power of two so that amax / 2^e ≤ 6 (the largest E2M1 magnitude).
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = w / torch.exp2(exp)
+    lut = torch.tensor(FP4_VALUES[:8], device=w.device)
+    codes = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(dim=-1)
+    codes = codes + 8 * ((scaled < 0) & (codes > 0)).long()
+    codes = codes.to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exp.squeeze(-1) + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()

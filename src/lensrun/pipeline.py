@@ -1,0 +1,339 @@
+"""LensPipeline: text encoding → denoising → decoding.
+
+Every image is its own computation (its own seed, its own forward passes), so an image regenerated alone from
+its stored config is pixel-identical to the one made inside a batch. Text conditions are cut to their valid
+tokens and run without an attention mask (LENS_SPEC §11): an empty negative is a forward with no text tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from lensrun import loading
+from lensrun.decoding import decode_tokens, to_pil
+from lensrun.errors import LensrunError
+from lensrun.models.text_encoder import LensTextEncoder
+from lensrun.models.transformer_lens import LensTransformer2DModel
+from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
+from lensrun.request import OUTPUT_TYPES, GenerationRequest, check_variant, infer_variant
+from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
+
+DEFAULT_MODEL = "microsoft/Lens"
+TINY_MODEL = "tiny-random"
+
+
+@dataclass
+class LensPipelineOutput:
+    """``images`` in the requested output type; ``configs[i]`` regenerates image i (see ``lensrun.metadata``)."""
+
+    images: list | np.ndarray | torch.Tensor
+    configs: list[dict] = field(default_factory=list)
+
+
+def _rows(features: list[torch.Tensor], mask: torch.Tensor | None) -> list[list[torch.Tensor]]:
+    """Split batched features into per-row lists cut to their valid tokens (mask: True = valid, right padded)."""
+    batch = features[0].shape[0]
+    rows = []
+    for b in range(batch):
+        valid = int(mask[b].sum()) if mask is not None else features[0].shape[1]
+        if mask is not None and not bool(mask[b, :valid].all()):
+            raise LensrunError("text masks must be right-padded (valid tokens first)")
+        rows.append([f[b : b + 1, :valid] for f in features])
+    return rows
+
+
+class LensPipeline:
+    """Runs a Lens checkpoint. Construct from components, ``from_pretrained`` or ``tiny_random``."""
+
+    def __init__(
+        self,
+        transformer: LensTransformer2DModel,
+        vae: AutoencoderKLFlux2,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: LensTextEncoder | None = None,
+        tokenizer=None,
+        *,
+        model_name: str = "custom",
+        variant: str | None = None,
+    ) -> None:
+        self.transformer = transformer.eval()
+        self.vae = vae.eval()
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        check_variant(variant)
+        self.variant = variant or infer_variant(model_name)
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = DEFAULT_MODEL,
+        variant: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+    ) -> LensPipeline:
+        """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead)."""
+        check_variant(variant)
+        if str(model) == TINY_MODEL:
+            return cls.tiny_random(dtype=dtype, device=device, variant=variant)
+        root = loading.resolve_model(model)
+        loading.check_layout(root)
+        from transformers import PreTrainedTokenizerFast
+
+        from lensrun.random_checkpoint import transformer_meta_state, vae_meta_state
+
+        t_config = LensTransformer2DModel.load_config(root / "transformer")
+        loading.check_shapes(root / "transformer", transformer_meta_state(_init_kwargs(t_config)))
+        v_config = AutoencoderKLFlux2.load_config(root / "vae")
+        loading.check_shapes(root / "vae", vae_meta_state(v_config))
+        with _quiet_diffusers():
+            transformer = LensTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+            vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+        encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        layers = tuple(transformer.config.selected_layer_index)
+        text_encoder = LensTextEncoder.from_pretrained(root / "text_encoder", layers, dtype=encoder_dtype)
+        pipe = cls(transformer, vae, scheduler, text_encoder, tokenizer, model_name=str(model), variant=variant)
+        return pipe.to(device)
+
+    @classmethod
+    def tiny_random(
+        cls,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        variant: str | None = None,
+    ) -> LensPipeline:
+        """A tiny random-weight Lens built in-process: it draws noise, and exists to check an install."""
+        from lensrun import random_checkpoint as rc
+
+        def build(module: torch.nn.Module, meta: dict, offset: int, prefix: str = "") -> torch.nn.Module:
+            state = rc.random_state(meta, seed + offset, torch.float32)
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+            return module
+
+        transformer = build(
+            LensTransformer2DModel(**rc.TINY_TRANSFORMER_CONFIG), rc.transformer_meta_state(rc.TINY_TRANSFORMER_CONFIG), 0
+        )
+        layers = tuple(rc.TINY_TRANSFORMER_CONFIG["selected_layer_index"])
+        te_config = rc.gpt_oss_config(rc.TINY_TEXT_ENCODER_CONFIG)
+        encoder = build(
+            LensTextEncoder(te_config, layers, dtype=torch.float32),
+            rc.text_encoder_meta_state(rc.TINY_TEXT_ENCODER_CONFIG),
+            1,
+            prefix="model.",
+        )
+        vae_cfg = {k: v for k, v in rc.TINY_VAE_CONFIG.items() if not k.startswith("_") and k != "force_upcast"}
+        vae = build(AutoencoderKLFlux2(**vae_cfg), rc.vae_meta_state(rc.TINY_VAE_CONFIG), 2)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(rc.LENS_SCHEDULER_CONFIG)
+        pipe = cls(
+            transformer.to(dtype), vae.to(dtype), scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL,
+            variant=variant,
+        )  # fmt: skip
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device | None = None) -> LensPipeline:
+        """Place every component on ``device`` (default: CUDA when present, else CPU)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.transformer.to(device)
+        self.vae.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.img_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.img_in.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ text encoding
+    def encode_prompt(
+        self, prompts: list[str], template_date: str = DEFAULT_TEMPLATE_DATE
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Multi-layer features [B, S, H] and mask [B, S] of the prompts (template prefix already dropped)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise LensrunError("this pipeline has no text encoder/tokenizer: pass prompt_embeds instead")
+        tok = tokenize_prompts(self.tokenizer, prompts, template_date, MAX_SEQUENCE_LENGTH)
+        hidden = self.text_encoder(tok.input_ids, tok.attention_mask)
+        features = [h[:, tok.offset :].to(self.dtype) for h in hidden]
+        return features, tok.attention_mask[:, tok.offset :].to(features[0].device)
+
+    def _conditions(
+        self,
+        req: GenerationRequest,
+        prompt_embeds: list[torch.Tensor] | None,
+        prompt_mask: torch.Tensor | None,
+        negative_prompt_embeds: list[torch.Tensor] | None,
+        negative_prompt_mask: torch.Tensor | None,
+    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+        """Per-prompt positive rows and negative rows (None when guidance is off), each cut to valid tokens."""
+        if prompt_embeds is not None:
+            pos = _rows([f.to(self.device, self.dtype) for f in prompt_embeds], prompt_mask)
+        else:
+            pos = _rows(*self.encode_prompt(req.prompts, req.template_date))
+        if req.cfg == 1.0:
+            return pos, None
+        if negative_prompt_embeds is not None:
+            neg = _rows([f.to(self.device, self.dtype) for f in negative_prompt_embeds], negative_prompt_mask)
+            if len(neg) == 1:
+                neg = neg * len(pos)
+        elif req.negative_prompt.strip():
+            neg = _rows(*self.encode_prompt([req.negative_prompt], req.template_date)) * len(pos)
+        else:
+            empty = [torch.zeros(1, 0, f.shape[-1], device=self.device, dtype=self.dtype) for f in pos[0]]
+            neg = [empty] * len(pos)
+        if len(neg) != len(pos):
+            raise LensrunError(f"{len(neg)} negative conditions for {len(pos)} prompts")
+        return pos, neg
+
+    # --------------------------------------------------------------------------------------------- denoising
+    def initial_noise(self, seed: int, grid: tuple[int, int], noise: str = "cpu") -> torch.Tensor:
+        """Latent noise [1, H·W, 128]: from a CPU generator (same on every GPU) or, as upstream, the device's."""
+        gen_device = torch.device("cpu") if noise == "cpu" else self.device
+        gen = torch.Generator(gen_device).manual_seed(seed)
+        shape = (1, grid[0] * grid[1], self.transformer.config.in_channels)
+        return randn_tensor(shape, generator=gen, device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: list[torch.Tensor],
+        uncond: list[torch.Tensor] | None,
+        req: GenerationRequest,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Euler flow-matching from noise to clean latent tokens; CFG only when ``uncond`` is given."""
+        grid = req.grid
+        img_shapes = [(1, *grid)]
+        sigmas, _ = lens_sigmas(self.scheduler, grid[0] * grid[1], req.steps)
+        steps = sigmas.tolist()
+        timesteps = (self.scheduler.timesteps.to(self.device).to(self.dtype) / 1000).reshape(-1, 1)
+        for i in range(req.steps):
+            t = timesteps[i].expand(latents.shape[0])
+            v = self.transformer(latents, cond, None, t, img_shapes).sample
+            if uncond is not None:
+                v_u = self.transformer(latents, uncond, None, t, img_shapes).sample
+                v = guided_velocity(v.float(), v_u.float(), req.cfg)
+            latents = euler_step(latents, v, steps[i], steps[i + 1])
+            if on_step is not None:
+                on_step(i + 1, req.steps)
+        return latents
+
+    # ---------------------------------------------------------------------------------------------- the call
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        base_resolution: int | None = None,
+        aspect_ratio: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: list[torch.Tensor] | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        noise: str = "cpu",
+        template_date: str = DEFAULT_TEMPLATE_DATE,
+        show_progress: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> LensPipelineOutput:
+        """Generate images. Steps/CFG default to the variant's preset (lens 20/5.0, turbo 4/1.0, base 50/5.0)."""
+        if output_type not in OUTPUT_TYPES:
+            raise LensrunError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got '{output_type}'")
+        if prompt is None and prompt_embeds is None:
+            raise LensrunError("give a prompt or prompt_embeds")
+        if prompt is None:
+            prompt = [""] * prompt_embeds[0].shape[0]
+        req = GenerationRequest.build(
+            prompt, negative_prompt, height, width, base_resolution, aspect_ratio, num_inference_steps,
+            guidance_scale, num_images_per_prompt, seed, noise, self.variant, template_date,
+        )  # fmt: skip
+        total = len(req.prompts) * req.n
+        if latents is not None and latents.shape[0] != total:
+            raise LensrunError(f"latents hold {latents.shape[0]} images but {total} are asked for")
+        pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
+        if len(pos) != len(req.prompts):
+            raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
+
+        bar = tqdm(total=total * req.steps, desc="denoising", unit="step", disable=not show_progress)
+        outputs, configs = [], []
+        for p in range(len(req.prompts)):
+            for k in range(req.n):
+                index = p * req.n + k
+                settings = req.image_settings(p, k)
+                if latents is not None:
+                    x = latents[index : index + 1].to(self.device, self.dtype)
+                elif generator is not None:
+                    x = randn_tensor((1, *self._token_shape(req)), generator=generator, device=self.device, dtype=self.dtype)
+                    settings["seed"] = None
+                else:
+                    x = self.initial_noise(settings["seed"], req.grid, req.noise)
+
+                def step(i: int, n: int, _base: int = index * req.steps) -> None:
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(_base + i, total * req.steps)
+
+                x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step)
+                outputs.append(x if output_type == "latent" else decode_tokens(self.vae, x, req.grid))
+                settings.update(model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."))
+                configs.append(settings)
+        bar.close()
+        return LensPipelineOutput(images=_format(outputs, output_type), configs=configs)
+
+    def _token_shape(self, req: GenerationRequest) -> tuple[int, int]:
+        return req.grid[0] * req.grid[1], self.transformer.config.in_channels
+
+
+def _format(outputs: list[torch.Tensor], output_type: str):
+    """Decoded images in [-1, 1] → the requested type ('latent' keeps packed tokens)."""
+    batch = torch.cat(outputs, dim=0)
+    if output_type == "latent":
+        return batch
+    if output_type == "pil":
+        return to_pil(batch)
+    unit = ((batch + 1) / 2).clamp(0, 1).cpu()
+    return unit if output_type == "pt" else unit.permute(0, 2, 3, 1).numpy()
+
+
+def _init_kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Hide diffusers' notices about config keys it ignores (e.g. the VAE's ``force_upcast``)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        dlog.set_verbosity(level)

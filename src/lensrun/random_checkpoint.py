@@ -1,0 +1,239 @@
+"""Random-weight Lens checkpoints in the real diffusers layout, tiny (tests, ``--model tiny-random``) or full size
+(benchmarks: weights' values change neither memory nor time).
+
+Weights are scaled like trained ones (std 1/√fan_in, norm weights 1) so activations and attention are realistic;
+encoder experts are packed to MXFP4 exactly as GPT-OSS ships them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lensrun import mxfp4
+from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+from lensrun.models.transformer_lens import LensTransformer2DModel
+from lensrun.prompting import HARMONY_SPECIAL_TOKENS, SYSTEM_PROMPT, ASSISTANT_THINKING, PAD_TOKEN
+
+LENS_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+FULL_TRANSFORMER_CONFIG = {
+    "patch_size": 2, "in_channels": 128, "out_channels": 32, "num_layers": 48, "attention_head_dim": 64,
+    "num_attention_heads": 24, "inner_dim": 1536, "enc_hidden_dim": 2880, "axes_dims_rope": [8, 28, 28],
+    "gate_mlp": True, "rms_norm": True, "multi_layer_encoder_feature": True, "selected_layer_index": [5, 11, 17, 23],
+}  # fmt: skip
+TINY_TRANSFORMER_CONFIG = {
+    **FULL_TRANSFORMER_CONFIG, "num_layers": 2, "num_attention_heads": 2, "inner_dim": 128, "enc_hidden_dim": 64,
+    "selected_layer_index": [1, 3],
+}  # fmt: skip
+
+_ROPE = {
+    "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096, "truncate": False,
+}  # fmt: skip
+FULL_TEXT_ENCODER_CONFIG = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880, "num_hidden_layers": 24,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
+    "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4, "hidden_act": "silu",
+    "swiglu_limit": 7.0, "attention_bias": True, "attention_dropout": 0.0, "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "rms_norm_eps": 1e-05, "vocab_size": 201088,
+    "max_position_embeddings": 131072, "initial_context_length": 4096, "rope_parameters": _ROPE,
+    "eos_token_id": 200002, "pad_token_id": 199999, "bos_token_id": None, "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.9, "dtype": "bfloat16",
+    "quantization_config": {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    },
+}  # fmt: skip
+TINY_TEXT_ENCODER_CONFIG = {
+    **FULL_TEXT_ENCODER_CONFIG, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64, "num_local_experts": 4,
+    "num_experts_per_tok": 2, "experts_per_token": 2, "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"] * 2, "vocab_size": 1024, "eos_token_id": 2,
+    "pad_token_id": 1,
+}  # fmt: skip
+
+FULL_VAE_CONFIG = {
+    "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 0.0001, "batch_norm_momentum": 0.1,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "out_channels": 3,
+    "latent_channels": 32, "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32,
+    "patch_size": [2, 2], "sample_size": 1024, "use_post_quant_conv": True, "use_quant_conv": True,
+}  # fmt: skip
+TINY_VAE_CONFIG = {**FULL_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8}
+
+MODEL_INDEX = {
+    "_class_name": "LensPipeline",
+    "_diffusers_version": "0.37.1",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "LensGptOssEncoder"],
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+    "transformer": ["diffusers", "LensTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
+
+_TOKENIZER_CORPUS = [
+    SYSTEM_PROMPT, ASSISTANT_THINKING,
+    "You are ChatGPT, a large language model trained by OpenAI. Knowledge cutoff: 2024-06 Current date: 2026-05-23",
+    "Reasoning: medium # Valid channels: analysis, commentary, final. Channel must be included for every message.",
+    "system developer user assistant Instructions a photo of a red fox cat dog reading a book under a paper lantern "
+    "in an autumn forest, mountain lake at sunrise, cinematic portrait, watercolor, studio light, city at night",
+]  # fmt: skip
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE with the Harmony control tokens; deterministic, built in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_TEXT_ENCODER_CONFIG["vocab_size"] - len(HARMONY_SPECIAL_TOKENS),
+        special_tokens=list(HARMONY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token="<|return|>")
+
+
+def _init_tensor(key: str, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator, device: str) -> torch.Tensor:
+    """One tensor by its role: norms 1, biases small, matrices std 1/√fan_in, BN stats plausible."""
+    leaf = key.rsplit(".", 1)[-1]
+    if "num_batches_tracked" in key:
+        return torch.zeros(shape, dtype=torch.long)
+    if "running_var" in key:
+        return (torch.rand(shape, generator=gen, device=device) + 0.5).to(dtype)
+    if "running_mean" in key:
+        return (0.1 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+    if leaf == "weight" and len(shape) == 1:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if len(shape) == 1 or leaf == "sinks":
+        return (0.02 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+    fan_in = math.prod(shape[1:])
+    return (torch.randn(shape, generator=gen, device=device) / math.sqrt(fan_in)).to(dtype)
+
+
+def random_state(
+    meta: dict[str, torch.Tensor], seed: int, dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Random values for every tensor of a meta state dict; packed MXFP4 experts for ``*_blocks``/``*_scales``."""
+    gen = torch.Generator(device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in meta.items():
+        if key.endswith("_scales"):
+            continue
+        if key.endswith("_blocks"):
+            e, rows, groups, _ = ref.shape
+            w = torch.randn((e, rows, groups * 32), generator=gen, device=device) / math.sqrt(groups * 32)
+            blocks, scales = mxfp4.quantize(w)
+            out[key] = blocks
+            out[key[: -len("_blocks")] + "_scales"] = scales
+            continue
+        out[key] = _init_tensor(key, ref.shape, dtype if ref.dtype.is_floating_point else ref.dtype, gen, device)
+    return out
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, stem: str, max_shard_bytes: int) -> None:
+    """Write safetensors shards + index like transformers/diffusers do (one file if it fits)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file({k: v.contiguous().cpu() for k, v in shards[0].items()}, folder / f"{stem}.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in shard.items()}, folder / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def transformer_meta_state(config: dict) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return LensTransformer2DModel(**config).state_dict()
+
+
+def text_encoder_meta_state(config: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the HF GPT-OSS checkpoint (all layers, final norm, lm_head), with ``model.`` prefix."""
+    cfg = gpt_oss_config(config)
+    with torch.device("meta"):
+        enc = LensTextEncoder(cfg, (cfg.num_hidden_layers - 1,))
+        state = {"model." + k: v for k, v in enc.state_dict().items()}
+        state["model.norm.weight"] = torch.empty(cfg.hidden_size, dtype=torch.bfloat16)
+        state["lm_head.weight"] = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.bfloat16)
+    return state
+
+
+def vae_meta_state(config: dict) -> dict[str, torch.Tensor]:
+    from diffusers import AutoencoderKLFlux2
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_") and k != "force_upcast"}
+    with torch.device("meta"):
+        return AutoencoderKLFlux2(**cfg).state_dict()
+
+
+def write_checkpoint(
+    root: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    device: str = "cpu",
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write a random Lens checkpoint (``size`` 'tiny' or 'full') in the diffusers layout under ``root``."""
+    root = Path(root)
+    tiny = size == "tiny"
+    t_cfg = TINY_TRANSFORMER_CONFIG if tiny else FULL_TRANSFORMER_CONFIG
+    te_cfg = TINY_TEXT_ENCODER_CONFIG if tiny else FULL_TEXT_ENCODER_CONFIG
+    vae_cfg = TINY_VAE_CONFIG if tiny else FULL_VAE_CONFIG
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+
+    parts = [
+        ("transformer", transformer_meta_state(t_cfg), torch.float32, "diffusion_pytorch_model",
+         {"_class_name": "LensTransformer2DModel", **t_cfg}),
+        ("text_encoder", text_encoder_meta_state(te_cfg), torch.bfloat16, "model", te_cfg),
+        ("vae", vae_meta_state(vae_cfg), torch.float32, "diffusion_pytorch_model", vae_cfg),
+    ]  # fmt: skip
+    for offset, (name, meta, dtype, stem, cfg) in enumerate(parts):
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+        _save_sharded(random_state(meta, seed + offset, dtype, device), folder, stem, max_shard_bytes)
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(LENS_SCHEDULER_CONFIG, indent=1))
+    if tiny:
+        tiny_tokenizer().save_pretrained(root / "tokenizer")
+    return root
