@@ -42,10 +42,10 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Smallest power of two so that amax / 2^e ≤ 6 (the largest E2M1 magnitude).
     exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = w / torch.exp2(exp)
-    lut = torch.tensor(FP4_VALUES[:8], device=w.device)
-    codes = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(dim=-1)
-    codes = codes + 8 * ((scaled < 0) & (codes > 0)).long()
-    codes = codes.to(torch.uint8)
+    # Nearest E2M1 magnitude by the midpoints between the eight codes 0, 0.5, …, 6.
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=w.device)
+    codes = torch.bucketize(scaled.abs(), midpoints).to(torch.uint8)
+    codes = codes | (((scaled < 0) & (codes > 0)).to(torch.uint8) << 3)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exp.squeeze(-1) + 127).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()

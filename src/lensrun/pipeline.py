@@ -8,6 +8,7 @@ tokens and run without an attention mask (LENS_SPEC §11): an empty negative is 
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class LensPipelineOutput:
 
     images: list | np.ndarray | torch.Tensor
     configs: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _rows(features: list[torch.Tensor], mask: torch.Tensor | None) -> list[list[torch.Tensor]]:
@@ -139,10 +141,9 @@ class LensPipeline:
         vae_cfg = {k: v for k, v in rc.TINY_VAE_CONFIG.items() if not k.startswith("_") and k != "force_upcast"}
         vae = build(AutoencoderKLFlux2(**vae_cfg), rc.vae_meta_state(rc.TINY_VAE_CONFIG), 2)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(rc.LENS_SCHEDULER_CONFIG)
-        pipe = cls(
-            transformer.to(dtype), vae.to(dtype), scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL,
-            variant=variant,
-        )  # fmt: skip
+        with _quiet_diffusers():
+            transformer, vae = transformer.to(dtype), vae.to(dtype)
+        pipe = cls(transformer, vae, scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL, variant=variant)
         return pipe.to(device)
 
     def to(self, device: str | torch.device | None = None) -> LensPipeline:
@@ -275,7 +276,9 @@ class LensPipeline:
         total = len(req.prompts) * req.n
         if latents is not None and latents.shape[0] != total:
             raise LensrunError(f"latents hold {latents.shape[0]} images but {total} are asked for")
-        pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
+        clock = _PhaseClock(self.device)
+        with clock("encode"):
+            pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
 
@@ -298,12 +301,16 @@ class LensPipeline:
                     if on_step is not None:
                         on_step(_base + i, total * req.steps)
 
-                x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step)
-                outputs.append(x if output_type == "latent" else decode_tokens(self.vae, x, req.grid))
+                with clock("denoise"):
+                    x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step)
+                if output_type != "latent":
+                    with clock("decode"):
+                        x = decode_tokens(self.vae, x, req.grid)
+                outputs.append(x)
                 settings.update(model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."))
                 configs.append(settings)
         bar.close()
-        return LensPipelineOutput(images=_format(outputs, output_type), configs=configs)
+        return LensPipelineOutput(images=_format(outputs, output_type), configs=configs, timings=clock.totals)
 
     def _token_shape(self, req: GenerationRequest) -> tuple[int, int]:
         return req.grid[0] * req.grid[1], self.transformer.config.in_channels
@@ -318,6 +325,26 @@ def _format(outputs: list[torch.Tensor], output_type: str):
         return to_pil(batch)
     unit = ((batch + 1) / 2).clamp(0, 1).cpu()
     return unit if output_type == "pt" else unit.permute(0, 2, 3, 1).numpy()
+
+
+class _PhaseClock:
+    """Wall time per phase, summed over images; synchronizes CUDA at phase edges only (never inside the loop)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def _init_kwargs(config: dict) -> dict:

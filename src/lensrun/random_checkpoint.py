@@ -234,6 +234,6 @@ def write_checkpoint(
         _save_sharded(random_state(meta, seed + offset, dtype, device), folder, stem, max_shard_bytes)
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(LENS_SCHEDULER_CONFIG, indent=1))
-    if tiny:
-        tiny_tokenizer().save_pretrained(root / "tokenizer")
+    # The o200k_harmony vocabulary cannot be shipped here; the small tokenizer's ids index the same embedding.
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
     return root

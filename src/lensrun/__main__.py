@@ -1,0 +1,3 @@
+from lensrun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The high-level Python API; each keyword here is one CLI option (``lensrun generate --help``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lensrun import __version__, loading
+from lensrun.errors import LensrunError
+from lensrun.metadata import read_config, save_png
+from lensrun.pipeline import DEFAULT_MODEL, TINY_MODEL, LensPipeline
+from lensrun.prompting import DEFAULT_TEMPLATE_DATE
+from lensrun.request import GenerationRequest, check_dtype, infer_variant
+
+_PIPELINES: dict[tuple, LensPipeline] = {}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LensrunError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LensrunError(f"device '{device}' asked for, but no CUDA GPU is available")
+    return dev
+
+
+def load_pipeline(model: str, variant: str | None, dtype: torch.dtype, device: torch.device) -> LensPipeline:
+    """Load once per (model, variant, dtype, device) in this process."""
+    key = (str(model), variant, dtype, str(device))
+    if key not in _PIPELINES:
+        _PIPELINES.clear()  # one model resident at a time
+        _PIPELINES[key] = LensPipeline.from_pretrained(model, variant=variant, dtype=dtype, device=device)
+    return _PIPELINES[key]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def _unique(path: Path) -> Path:
+    k = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
+
+
+def generate(
+    prompt: str | list[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    variant: str | None = None,
+    negative_prompt: str | None = None,
+    base_resolution: int | None = None,
+    aspect_ratio: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    seed: int | None = None,
+    n: int = 1,
+    out: str | Path = "outputs",
+    dtype: str | None = None,
+    device: str | None = None,
+    noise: str = "cpu",
+    template_date: str = DEFAULT_TEMPLATE_DATE,
+    show_progress: bool = False,
+) -> list[Path]:
+    """Generate and save PNGs (each with its full config) under ``out``; returns their paths.
+
+    All input is validated, and the model folder checked, before any weights are read.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    variant = variant or infer_variant(str(model))
+    GenerationRequest.build(
+        prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
+        template_date,
+    )  # fmt: skip
+    if str(model) != TINY_MODEL:
+        loading.check_layout(loading.resolve_model(model))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LensrunError(f"output path {out} exists and is not a folder")
+    pipe = load_pipeline(str(model), variant, torch_dtype, torch_device)
+    result = pipe(
+        prompt, negative_prompt=negative_prompt, height=height, width=width, base_resolution=base_resolution,
+        aspect_ratio=aspect_ratio, num_inference_steps=steps, guidance_scale=cfg, num_images_per_prompt=n, seed=seed,
+        noise=noise, template_date=template_date, show_progress=show_progress,
+    )  # fmt: skip
+    paths = []
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    for i, (image, config) in enumerate(zip(result.images, result.configs, strict=True)):
+        config = {**config, "lensrun_version": __version__}
+        p, k = divmod(i, n)
+        path = _unique(out / f"p{p:03d}_s{k:02d}_{_slug(prompts[p])}_{config['seed']}.png")
+        save_png(image, path, config)
+        paths.append(path)
+    return paths
+
+
+def replay(
+    image: str | Path,
+    *,
+    out: str | Path | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    show_progress: bool = False,
+) -> Path:
+    """Regenerate an image from the config stored in it (``model`` overrides where the weights live)."""
+    config = read_config(image)
+    if config.get("seed") is None:
+        raise LensrunError(f"{image} was made from an explicit generator or latents; its noise cannot be replayed")
+    explicit_size = config.get("base_resolution") is None
+    paths = generate(
+        config["prompt"],
+        model=model or config["model"],
+        variant=config["variant"],
+        negative_prompt=config.get("negative_prompt", ""),
+        base_resolution=config.get("base_resolution"),
+        aspect_ratio=config.get("aspect_ratio"),
+        height=config["height"] if explicit_size else None,
+        width=config["width"] if explicit_size else None,
+        steps=config["steps"],
+        cfg=config["cfg"],
+        seed=config["seed"],
+        n=1,
+        out=out or Path(image).parent / "replay",
+        dtype=config["dtype"],
+        device=device,
+        noise=config.get("noise", "cpu"),
+        template_date=config.get("template_date", DEFAULT_TEMPLATE_DATE),
+        show_progress=show_progress,
+    )
+    return paths[0]
