@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["LENSRUN_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="lensrun-test-cache-")
 
 from pathlib import Path  # noqa: E402
 

@@ -20,6 +20,9 @@ class CountingTransformer(torch.nn.Module):
         self.img_in = inner.img_in
         self.text_lengths = []
 
+    def conditioning(self, timestep):
+        return self.inner.conditioning(timestep)
+
     def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
         self.text_lengths.append(encoder_hidden_states[0].shape[1])
         return self.inner(hidden_states, encoder_hidden_states, *args, **kwargs)

@@ -20,11 +20,12 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from lensrun import loading
+from lensrun import acceleration, loading
 from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
 from lensrun.models.text_encoder import LensTextEncoder
-from lensrun.models.transformer_lens import LensTransformer2DModel
+from lensrun.models.transformer_lens import FirstBlockCache, LensTransformer2DModel
+from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import OUTPUT_TYPES, GenerationRequest, check_variant, infer_variant
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
@@ -67,6 +68,7 @@ class LensPipeline:
         *,
         model_name: str = "custom",
         variant: str | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.transformer = transformer.eval()
         self.vae = vae.eval()
@@ -76,6 +78,9 @@ class LensPipeline:
         self.model_name = model_name
         check_variant(variant)
         self.variant = variant or infer_variant(model_name)
+        self.prompt_cache = prompt_cache or PromptCache(f"unnamed:{id(text_encoder)}")
+        self.precision = "bf16"
+        self.compiled = False
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -108,7 +113,11 @@ class LensPipeline:
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
         text_encoder = LensTextEncoder.from_pretrained(root / "text_encoder", layers, dtype=encoder_dtype)
-        pipe = cls(transformer, vae, scheduler, text_encoder, tokenizer, model_name=str(model), variant=variant)
+        cache = PromptCache(folder_fingerprint(root / "text_encoder"), default_cache_dir() / "prompts")
+        pipe = cls(
+            transformer, vae, scheduler, text_encoder, tokenizer, model_name=str(model), variant=variant,
+            prompt_cache=cache,
+        )  # fmt: skip
         return pipe.to(device)
 
     @classmethod
@@ -143,7 +152,11 @@ class LensPipeline:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(rc.LENS_SCHEDULER_CONFIG)
         with _quiet_diffusers():
             transformer, vae = transformer.to(dtype), vae.to(dtype)
-        pipe = cls(transformer, vae, scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL, variant=variant)
+        cache = PromptCache(f"tiny-random:{seed}")
+        pipe = cls(
+            transformer, vae, scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL, variant=variant,
+            prompt_cache=cache,
+        )  # fmt: skip
         return pipe.to(device)
 
     def to(self, device: str | torch.device | None = None) -> LensPipeline:
@@ -153,6 +166,29 @@ class LensPipeline:
         self.vae.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)
+        return self
+
+    def optimize(self, compile: bool = False, precision: str = "bf16") -> LensPipeline:
+        """Quantize the DiT's block linears (torchao) and/or compile the hot paths; call once after loading.
+
+        Compilation is regional (one graph for all 48 blocks), cached on disk between runs, and on CUDA also
+        fuses the encoder's MXFP4 decode and the VAE decoder (channels-last).
+        """
+        precision = acceleration.check_precision(precision, self.device)
+        if precision != self.precision:
+            if self.precision != "bf16":
+                raise LensrunError(f"the DiT is already quantized to {self.precision}; reload to change it")
+            acceleration.quantize_transformer(self.transformer, precision)
+            self.precision = precision
+        if compile and not self.compiled:
+            acceleration.compile_cache_dir()
+            self.transformer.compile_blocks()
+            if self.device.type == "cuda":
+                if self.text_encoder is not None:
+                    self.text_encoder.compile_dequantize()
+                self.vae.to(memory_format=torch.channels_last)
+                self.vae.decoder.compile()
+            self.compiled = True
         return self
 
     @property
@@ -175,6 +211,17 @@ class LensPipeline:
         features = [h[:, tok.offset :].to(self.dtype) for h in hidden]
         return features, tok.attention_mask[:, tok.offset :].to(features[0].device)
 
+    def encode_one(self, prompt: str, template_date: str = DEFAULT_TEMPLATE_DATE) -> list[torch.Tensor]:
+        """One prompt's features [1, S_valid, H] per layer, through the prompt cache. Prompts are always encoded
+        alone, so a prompt's features never depend on what else was in the batch."""
+        key = self.prompt_cache.key(prompt, template_date, MAX_SEQUENCE_LENGTH, self.dtype)
+        cached = self.prompt_cache.get(key, self.device)
+        if cached is not None:
+            return cached
+        features, _ = self.encode_prompt([prompt], template_date)
+        self.prompt_cache.put(key, features)
+        return features
+
     def _conditions(
         self,
         req: GenerationRequest,
@@ -187,7 +234,7 @@ class LensPipeline:
         if prompt_embeds is not None:
             pos = _rows([f.to(self.device, self.dtype) for f in prompt_embeds], prompt_mask)
         else:
-            pos = _rows(*self.encode_prompt(req.prompts, req.template_date))
+            pos = [self.encode_one(p, req.template_date) for p in req.prompts]
         if req.cfg == 1.0:
             return pos, None
         if negative_prompt_embeds is not None:
@@ -195,7 +242,7 @@ class LensPipeline:
             if len(neg) == 1:
                 neg = neg * len(pos)
         elif req.negative_prompt.strip():
-            neg = _rows(*self.encode_prompt([req.negative_prompt], req.template_date)) * len(pos)
+            neg = [self.encode_one(req.negative_prompt, req.template_date)] * len(pos)
         else:
             empty = [torch.zeros(1, 0, f.shape[-1], device=self.device, dtype=self.dtype) for f in pos[0]]
             neg = [empty] * len(pos)
@@ -211,6 +258,13 @@ class LensPipeline:
         shape = (1, grid[0] * grid[1], self.transformer.config.in_channels)
         return randn_tensor(shape, generator=gen, device=self.device, dtype=self.dtype)
 
+    def _schedule(self, req: GenerationRequest) -> tuple[list[float], torch.Tensor]:
+        """Sigmas (floats, terminal 0) and model timesteps (sigma rounded through the model dtype, as upstream)."""
+        grid = req.grid
+        sigmas, _ = lens_sigmas(self.scheduler, grid[0] * grid[1], req.steps)
+        timesteps = self.scheduler.timesteps.to(self.device).to(self.dtype) / 1000
+        return sigmas.tolist(), timesteps
+
     @torch.inference_mode()
     def denoise(
         self,
@@ -219,22 +273,60 @@ class LensPipeline:
         uncond: list[torch.Tensor] | None,
         req: GenerationRequest,
         on_step: Callable[[int, int], None] | None = None,
+        stats: dict[str, float] | None = None,
     ) -> torch.Tensor:
-        """Euler flow-matching from noise to clean latent tokens; CFG only when ``uncond`` is given."""
-        grid = req.grid
-        img_shapes = [(1, *grid)]
-        sigmas, _ = lens_sigmas(self.scheduler, grid[0] * grid[1], req.steps)
-        steps = sigmas.tolist()
-        timesteps = (self.scheduler.timesteps.to(self.device).to(self.dtype) / 1000).reshape(-1, 1)
+        """Euler flow-matching from noise to clean latent tokens; CFG only when ``uncond`` is given.
+
+        Each branch runs mask-free at its own text length; the timestep embedding and all blocks' modulation
+        are computed for every step before the loop; nothing in the loop waits for the GPU.
+        """
+        img_shapes = [(1, *req.grid)]
+        sigmas, timesteps = self._schedule(req)
+        conditioning = self.transformer.conditioning(timesteps)
+        caches = [FirstBlockCache(req.cache), FirstBlockCache(req.cache)] if req.cache else [None, None]
+        with acceleration.attention_kernels(self.device):
+            for i in range(req.steps):
+                t = timesteps[i : i + 1]
+                step_cond = conditioning.select(i)
+                v = self.transformer(
+                    latents, cond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[0]
+                ).sample
+                if uncond is not None:
+                    v_u = self.transformer(
+                        latents, uncond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[1]
+                    ).sample
+                    v = guided_velocity(v.float(), v_u.float(), req.cfg)
+                latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                if on_step is not None:
+                    on_step(i + 1, req.steps)
+        if stats is not None and req.cache:
+            for name in ("skipped", "computed"):
+                stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + sum(getattr(c, name) for c in caches)
+        return latents
+
+    @torch.inference_mode()
+    def denoise_reference(
+        self,
+        latents: torch.Tensor,
+        cond: list[torch.Tensor],
+        uncond: list[torch.Tensor],
+        req: GenerationRequest,
+    ) -> torch.Tensor:
+        """Upstream semantics, kept as the yardstick: [cond; uncond] zero-padded to one length with a key mask,
+        one batch-of-2 forward per step, modulation recomputed in every forward."""
+        length = max(cond[0].shape[1], uncond[0].shape[1])
+        pad = lambda f: torch.nn.functional.pad(f, (0, 0, 0, length - f.shape[1]))
+        features = [torch.cat([pad(a), pad(b)]) for a, b in zip(cond, uncond, strict=True)]
+        mask = torch.zeros(2, length, dtype=torch.bool, device=self.device)
+        mask[0, : cond[0].shape[1]] = True
+        mask[1, : uncond[0].shape[1]] = True
+        img_shapes = [(1, *req.grid)]
+        sigmas, timesteps = self._schedule(req)
         for i in range(req.steps):
-            t = timesteps[i].expand(latents.shape[0])
-            v = self.transformer(latents, cond, None, t, img_shapes).sample
-            if uncond is not None:
-                v_u = self.transformer(latents, uncond, None, t, img_shapes).sample
-                v = guided_velocity(v.float(), v_u.float(), req.cfg)
-            latents = euler_step(latents, v, steps[i], steps[i + 1])
-            if on_step is not None:
-                on_step(i + 1, req.steps)
+            v_c, v_u = self.transformer(
+                latents.repeat(2, 1, 1), features, mask, timesteps[i].expand(2), img_shapes
+            ).sample.chunk(2)
+            latents = euler_step(latents, guided_velocity(v_c, v_u, req.cfg), sigmas[i], sigmas[i + 1])
         return latents
 
     # ---------------------------------------------------------------------------------------------- the call
@@ -259,6 +351,7 @@ class LensPipeline:
         output_type: str = "pil",
         noise: str = "cpu",
         template_date: str = DEFAULT_TEMPLATE_DATE,
+        cache: float | None = None,
         show_progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
     ) -> LensPipelineOutput:
@@ -271,7 +364,7 @@ class LensPipeline:
             prompt = [""] * prompt_embeds[0].shape[0]
         req = GenerationRequest.build(
             prompt, negative_prompt, height, width, base_resolution, aspect_ratio, num_inference_steps,
-            guidance_scale, num_images_per_prompt, seed, noise, self.variant, template_date,
+            guidance_scale, num_images_per_prompt, seed, noise, self.variant, template_date, cache=cache,
         )  # fmt: skip
         total = len(req.prompts) * req.n
         if latents is not None and latents.shape[0] != total:
@@ -302,12 +395,15 @@ class LensPipeline:
                         on_step(_base + i, total * req.steps)
 
                 with clock("denoise"):
-                    x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step)
+                    x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step, stats=clock.totals)
                 if output_type != "latent":
                     with clock("decode"):
                         x = decode_tokens(self.vae, x, req.grid)
                 outputs.append(x)
-                settings.update(model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."))
+                settings.update(
+                    model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."),
+                    quantize=self.precision,
+                )  # fmt: skip
                 configs.append(settings)
         bar.close()
         return LensPipelineOutput(images=_format(outputs, output_type), configs=configs, timings=clock.totals)

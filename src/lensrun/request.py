@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -117,7 +117,7 @@ class GenerationRequest:
     seed: int | None = None
     noise: str = "cpu"
     template_date: str = DEFAULT_TEMPLATE_DATE
-    extra: dict = field(default_factory=dict)
+    cache: float | None = None
 
     @classmethod
     def build(
@@ -136,6 +136,7 @@ class GenerationRequest:
         variant: str = "lens",
         template_date: str = DEFAULT_TEMPLATE_DATE,
         need_prompt: bool = True,
+        cache: float | None = None,
     ) -> GenerationRequest:
         """Validate and fill defaults; explicit steps/cfg win over the variant's preset."""
         check_variant(variant)
@@ -162,6 +163,11 @@ class GenerationRequest:
             raise LensrunError(f"noise must be one of {', '.join(NOISE_SOURCES)}, got '{noise}'")
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", template_date):
             raise LensrunError(f"template date must look like YYYY-MM-DD, got '{template_date}'")
+        if cache is not None:
+            if not isinstance(cache, (int, float)) or not 0 < cache < 1:
+                raise LensrunError(f"cache threshold must be in (0, 1), e.g. 0.05; got {cache}")
+            if variant == "turbo" or steps < 8:
+                raise LensrunError("the step cache is for 8+ step runs (Lens 20, Base 50); Turbo has no steps to spare")
         if seed is None or seed == -1:
             seed = draw_seed()
         explicit_size = height is not None
@@ -178,6 +184,7 @@ class GenerationRequest:
             seed=seed,
             noise=noise,
             template_date=template_date,
+            cache=None if cache is None else float(cache),
         )
 
     @property
@@ -189,6 +196,5 @@ class GenerationRequest:
         """Settings that regenerate image k of prompt ``prompt_index`` on its own (its own seed)."""
         d = asdict(self)
         d.pop("prompts")
-        d.pop("extra")
         d.update(prompt=self.prompts[prompt_index], seed=self.seed + prompt_index * self.n + k, n=1)
         return d

@@ -11,6 +11,7 @@ loads the published weights. Two attention paths share one set of weights:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,17 +132,22 @@ class LensTransformerBlock(nn.Module):
         self.img_mlp = SwiGLU(dim, mlp_hidden)
         self.txt_mlp = SwiGLU(dim, mlp_hidden)
 
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) shift/scale/gate vectors [B, 1, 6·D]; depend on the timestep only, so they can be
+        computed for every step at once before the loop."""
+        return self.img_mod(temb)[:, None], self.txt_mod(temb)[:, None]
+
     def forward(
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        temb: torch.Tensor,
+        mod: tuple[torch.Tensor, torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb)[:, None].chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod[0].chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod[1].chunk(6, dim=-1)
         xa = self.img_norm1(x) * (1 + i_scale1) + i_shift1
         ca = self.txt_norm1(c) * (1 + t_scale1) + t_shift1
         attn_x, attn_c = self.attn(xa, ca, cos, sin, mask)
@@ -152,6 +158,47 @@ class LensTransformerBlock(nn.Module):
         if x.dtype == torch.float16:
             x, c = x.clamp(-65504, 65504), c.clamp(-65504, 65504)
         return x, c
+
+
+@dataclass
+class StepConditioning:
+    """Everything a forward needs from the timestep: its embedding and each block's modulation."""
+
+    temb: torch.Tensor
+    mods: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def select(self, index: int) -> StepConditioning:
+        """Row ``index`` of a conditioning computed for several timesteps at once."""
+        pick = lambda t: t[index : index + 1]
+        return StepConditioning(pick(self.temb), [(pick(a), pick(b)) for a, b in self.mods])
+
+
+class FirstBlockCache:
+    """Opt-in step cache (First-Block-Cache): when block 0's output residual barely changes between steps,
+    reuse the previous step's residual of blocks 1… instead of running them. One instance per CFG branch."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.prev_first: torch.Tensor | None = None
+        self.rest_residual: torch.Tensor | None = None
+        self.skipped = 0
+        self.computed = 0
+
+    def can_skip(self, first: torch.Tensor) -> bool:
+        """Relative mean change of block 0's output since the last fully computed step < threshold."""
+        if self.prev_first is None or self.rest_residual is None or self.prev_first.shape != first.shape:
+            return False
+        change = (first.float() - self.prev_first.float()).abs().mean() / self.prev_first.float().abs().mean()
+        return bool(change < self.threshold)
+
+    def skip(self, first: torch.Tensor) -> torch.Tensor:
+        self.skipped += 1
+        return first + self.rest_residual
+
+    def store(self, first: torch.Tensor, last: torch.Tensor) -> None:
+        self.computed += 1
+        self.prev_first = first
+        self.rest_residual = last - first
 
 
 class LensTimeEmbedding(nn.Module):
@@ -210,6 +257,26 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
+        """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
+        temb = self.time_text_embed(timestep, self.img_in.weight.dtype)
+        return StepConditioning(temb, [block.modulation(temb) for block in self.transformer_blocks])
+
+    def rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables, cached per (grid, text length, device): they never change between steps."""
+        key = (grid, text_len, str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = lens_rope(grid, text_len, tuple(self.config.axes_dims_rope), device=device)
+        return self._rope_cache[key]
+
+    def compile_blocks(self, **options) -> None:
+        """Regional compilation: one compiled graph serves all blocks (they share code and shapes)."""
+        for block in self.transformer_blocks:
+            block.compile(**options)
 
     def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer RMSNorm (fp32 variance), concat in layer order, project to the model width."""
@@ -224,11 +291,14 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         timestep: torch.Tensor,
         img_shapes: list[tuple[int, int, int]] | tuple[int, int, int],
         return_dict: bool = True,
+        step_conditioning: StepConditioning | None = None,
+        block_cache: FirstBlockCache | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Velocity for packed latents. ``timestep`` is sigma in [0, 1].
 
         ``encoder_hidden_states_mask`` [B, S] (bool, True = valid) masks padded text keys in every block;
-        pass None when every text token is valid (the fast path).
+        pass None when every text token is valid (the fast path). ``step_conditioning`` (from
+        ``conditioning``) skips recomputing the modulation; ``block_cache`` may skip blocks 1… (opt-in).
         """
         shape = img_shapes[0] if isinstance(img_shapes[0], (list, tuple)) else img_shapes
         _, gh, gw = (int(v) for v in shape)
@@ -238,8 +308,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         dtype = self.img_in.weight.dtype
         x = self.img_in(hidden_states.to(dtype))
         c = self.embed_text(encoder_hidden_states)
-        temb = self.time_text_embed(timestep, dtype)
-        cos, sin = lens_rope((gh, gw), c.shape[1], tuple(self.config.axes_dims_rope), device=x.device)
+        cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
+        cos, sin = self.rope((gh, gw), c.shape[1], x.device)
         mask = None
         if encoder_hidden_states_mask is not None:
             keys = torch.cat(
@@ -247,9 +317,17 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                 dim=1,
             )
             mask = keys[:, None, None, :]
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, cos, sin, mask)
-        out = self.proj_out(self.norm_out(x, temb))
+        blocks = self.transformer_blocks
+        x, c = blocks[0](x, c, cond.mods[0], cos, sin, mask)
+        if block_cache is not None and block_cache.can_skip(x):
+            x = block_cache.skip(x)
+        else:
+            first = x
+            for block, mod in zip(blocks[1:], cond.mods[1:], strict=True):
+                x, c = block(x, c, mod, cos, sin, mask)
+            if block_cache is not None:
+                block_cache.store(first, x)
+        out = self.proj_out(self.norm_out(x, cond.temb))
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)

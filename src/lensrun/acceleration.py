@@ -1,0 +1,107 @@
+"""Speed settings for a loaded pipeline: attention kernel order, regional compilation, DiT precision (torchao).
+
+The DiT's modulation, timestep, norm and in/out projections always stay bf16: quantizing the modulation
+linears gives grid artefacts (LENS_SPEC §13). Only the big linears inside the blocks are quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lensrun.errors import LensrunError
+
+PRECISIONS = ("bf16", "fp8", "fp8-weight", "int8-weight", "int4-weight")
+# Aliases users know from the field report / torchao names.
+PRECISION_ALIASES = {
+    "float8_weight_only": "fp8-weight",
+    "int8_weight_only": "int8-weight",
+    "int4_weight_only": "int4-weight",
+    "float8_dynamic": "fp8",
+    "none": "bf16",
+}
+
+
+def normalize_precision(precision: str) -> str:
+    precision = PRECISION_ALIASES.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise LensrunError(f"unknown DiT precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """Refuse, with the reason, precisions this machine cannot run; returns the canonical name."""
+    precision = normalize_precision(precision)
+    if precision == "bf16":
+        return precision
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise LensrunError(f"--quantize {precision} needs torchao: pip install torchao") from None
+    if device.type != "cuda":
+        raise LensrunError(f"--quantize {precision} needs a CUDA GPU (this run is on {device.type})")
+    if precision.startswith("fp8"):
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise LensrunError(
+                f"--quantize {precision} needs float8 tensor cores (sm_89+: RTX 40xx, L4, H100); this GPU is "
+                f"sm_{major}{minor}: use int8-weight or bf16"
+            )
+    return precision
+
+
+def _torchao_config(precision: str):
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    return {
+        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        "fp8-weight": Float8WeightOnlyConfig,
+        "int8-weight": Int8WeightOnlyConfig,
+        "int4-weight": lambda: Int4WeightOnlyConfig(group_size=128),
+    }[precision]()
+
+
+def quantizable(module: nn.Module, fqn: str) -> bool:
+    """Block linears only (QKV, attention outputs, MLPs); never ``img_mod``/``txt_mod``."""
+    return isinstance(module, nn.Linear) and fqn.startswith("transformer_blocks.") and "_mod" not in fqn
+
+
+def quantize_transformer(transformer: nn.Module, precision: str) -> None:
+    """Quantize the DiT's block linears in place with torchao (no-op for bf16)."""
+    if precision == "bf16":
+        return
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, _torchao_config(precision), filter_fn=quantizable)
+
+
+@contextlib.contextmanager
+def attention_kernels(device: torch.device):
+    """On CUDA prefer cuDNN attention (fastest for 24×64 heads on Hopper), then flash, then the rest."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+def compile_cache_dir() -> Path:
+    """Inductor's on-disk cache, kept between runs so a resolution compiles once per machine."""
+    from lensrun.prompt_cache import default_cache_dir
+
+    folder = default_cache_dir() / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])

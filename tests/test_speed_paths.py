@@ -1,0 +1,94 @@
+"""The fast paths compute the same function as the reference path (CPU, fp32); caches are exact and keyed."""
+
+import pytest
+import torch
+
+from lensrun import LensrunError, acceleration
+from lensrun.prompt_cache import PromptCache
+from lensrun.request import GenerationRequest
+
+SMALL = dict(height=32, width=48)
+
+
+def _request(**kw):
+    return GenerationRequest.build("x", **{"height": 32, "width": 48, "steps": 6, "cfg": 4.0, "seed": 1, **kw})
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+def test_fast_denoise_equals_reference(tiny_pipe, negative):
+    req = _request()
+    cond = tiny_pipe.encode_one("a lighthouse on a cliff")
+    uncond = tiny_pipe.encode_one(negative) if negative else [f[:, :0] for f in cond]
+    noise = tiny_pipe.initial_noise(1, req.grid)
+    fast = tiny_pipe.denoise(noise, cond, uncond, req)
+    ref = tiny_pipe.denoise_reference(noise, cond, uncond, req)
+    assert (fast - ref).abs().max() <= 1e-4
+
+
+def test_compiled_blocks_equal_eager(tiny_checkpoint):
+    from lensrun import LensPipeline
+
+    eager = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    compiled = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu").optimize(compile=True)
+    kw = dict(seed=2, num_inference_steps=2, output_type="latent", **SMALL)
+    a = eager("a red fox", **kw).images
+    b = compiled("a red fox", **kw).images
+    assert compiled.compiled and (a - b).abs().max() <= 1e-4
+
+
+def test_prompt_cache_memory_and_disk(tiny_pipe, tmp_path):
+    cache = PromptCache("enc-A", tmp_path)
+    key = cache.key("a fox", "2026-05-23", 512, torch.float32)
+    assert cache.get(key, torch.device("cpu")) is None
+    features = tiny_pipe.encode_one("a fox")
+    cache.put(key, features)
+    reloaded = PromptCache("enc-A", tmp_path).get(key, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(features, reloaded, strict=True))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    # Anything that changes the features changes the key.
+    assert key != cache.key("a fox", "2026-05-24", 512, torch.float32)
+    assert key != PromptCache("enc-B").key("a fox", "2026-05-23", 512, torch.float32)
+    assert key != cache.key("a fox", "2026-05-23", 512, torch.bfloat16)
+
+
+def test_pipeline_encodes_a_repeated_prompt_once(tiny_pipe):
+    calls = []
+    encoder = tiny_pipe.text_encoder
+    handle = encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        prompt = "a prompt used only by this test"
+        tiny_pipe(prompt, seed=1, num_inference_steps=1, output_type="latent", **SMALL)
+        tiny_pipe([prompt, prompt], seed=2, num_inference_steps=1, output_type="latent", **SMALL)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_step_cache_skips_blocks_and_reports(tiny_pipe):
+    kw = dict(seed=4, num_inference_steps=12, output_type="latent", **SMALL)
+    full = tiny_pipe("a fox", **kw)
+    cached = tiny_pipe("a fox", cache=0.5, **kw)
+    assert cached.timings["cache_skipped"] > 0
+    assert cached.timings["cache_skipped"] + cached.timings["cache_computed"] == 24
+    assert cached.configs[0]["cache"] == 0.5 and full.configs[0]["cache"] is None
+    assert torch.isfinite(cached.images).all()
+    assert not torch.equal(full.images, cached.images)
+
+
+@pytest.mark.parametrize("kw, message", [(dict(variant="turbo"), "Turbo has no steps"), (dict(cache=1.5), "in \\(0, 1\\)")])
+def test_step_cache_refused(kw, message):
+    with pytest.raises(LensrunError, match=message):
+        GenerationRequest.build("x", cache=kw.pop("cache", 0.05), **kw)
+
+
+def test_precision_checks_and_filter(tiny_pipe):
+    assert acceleration.normalize_precision("float8_weight_only") == "fp8-weight"
+    with pytest.raises(LensrunError, match="unknown DiT precision 'fp4'"):
+        acceleration.normalize_precision("fp4")
+    with pytest.raises(LensrunError, match="(needs a CUDA GPU|needs torchao)"):
+        acceleration.check_precision("fp8", torch.device("cpu"))
+    assert acceleration.check_precision("bf16", torch.device("cpu")) == "bf16"
+    chosen = [n for n, m in tiny_pipe.transformer.named_modules() if acceleration.quantizable(m, n)]
+    assert "transformer_blocks.0.attn.img_qkv" in chosen and "transformer_blocks.1.img_mlp.w2" in chosen
+    assert not any("_mod" in n or not n.startswith("transformer_blocks.") for n in chosen)
+    assert len(chosen) == 2 * 10
