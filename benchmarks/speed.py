@@ -1,0 +1,177 @@
+"""Speed of every lensrun mode against the reference path, in one run, on full-size random weights.
+
+Baseline = upstream semantics: [cond; uncond] padded into one batch of 2 with a key mask, modulation recomputed
+in each forward, eager, default attention kernel choice. Modes: lensrun's fast path eager, compiled (bf16),
+compiled fp8 (torchao dynamic per-row), compiled + step cache. Same weights, prompt and seed everywhere; PSNR is
+each mode's decoded image against the baseline's.
+
+    python benchmarks/speed.py --root /tmp/lens-full --json $OUT/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lensrun import LensPipeline, __version__
+from lensrun.decoding import decode_tokens
+from lensrun.random_checkpoint import write_checkpoint
+from lensrun.request import GenerationRequest
+
+PEAK_TFLOPS = 790.0
+PROMPT = "A cinematic film still of a lone astronaut on a red desert dune at dusk, two distant moons"
+CASES = {
+    "lens-1024": dict(base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0),
+    "lens-1440-16:9": dict(base_resolution=1440, aspect_ratio="16:9", steps=20, cfg=5.0),
+    "turbo-1024": dict(base_resolution=1024, aspect_ratio="1:1", steps=4, cfg=1.0),
+}
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def forward_flops(image_tokens: int, text_tokens: int, blocks: int = 48, width: int = 1536) -> float:
+    """Useful FLOPs of one DiT forward: block linears (28.3M MACs/token) + joint attention (4·S²·D)."""
+    macs_per_token = width * 3 * width + width * width + 3 * width * 4096
+    s = image_tokens + text_tokens
+    return blocks * (2 * macs_per_token * s + 4 * s * s * width)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> tuple[list[float], object]:
+    times, result = [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, result
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = ((a.clamp(-1, 1) + 1) / 2).float(), ((b.clamp(-1, 1) + 1) / 2).float()
+    mse = torch.mean((a - b) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/lens-full")
+    ap.add_argument("--json", default="speed.json")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="baseline,fast-eager,compiled,fp8,compiled+cache")
+    ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a CPU dry run of this script")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = args.modes.split(",")
+    root = Path(args.root)
+    if not (root / "model_index.json").exists():
+        write_checkpoint(root, size=args.size, seed=0, device=device)
+    report = {
+        "info": {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__, "lensrun": __version__,
+                 "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats},
+        "rows": [],
+    }  # fmt: skip
+
+    def save():
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = LensPipeline.from_pretrained(root, dtype=dtype, device=device)
+    rename = {"steps": "num_inference_steps", "cfg": "guidance_scale"}
+    cases_kw = {k: {rename.get(a, a): b for a, b in v.items()} | {"output_type": "pt"} for k, v in CASES.items()}
+    reqs = {k: GenerationRequest.build(PROMPT, seed=7, **v) for k, v in CASES.items()}
+    cond = pipe.encode_one(PROMPT)
+    empty = [f[:, :0] for f in cond]
+    text_len = cond[0].shape[1]
+    noise = {k: pipe.initial_noise(7, r.grid) for k, r in reqs.items()}
+    reference_images: dict[str, torch.Tensor] = {}
+    log(f"loaded; prompt is {text_len} tokens")
+
+    def run_mode(mode: str, p: LensPipeline) -> None:
+        for case, req in reqs.items():
+            if mode == "compiled+cache" and req.steps < 8:
+                continue
+            r = GenerationRequest.build(PROMPT, seed=7, cache=0.05 if mode == "compiled+cache" else None, **CASES[case])
+            uncond = empty if r.cfg != 1.0 else None
+            if mode == "baseline":
+                fn = lambda: p.denoise_reference(noise[case], cond, empty, r)
+            else:
+                stats: dict = {}
+                fn = lambda: p.denoise(noise[case], cond, uncond, r, stats=stats)
+            warm_t, _ = timed(fn, 1)
+            times, latents = timed(fn, args.repeats)
+            image = decode_tokens(p.vae, latents, r.grid)
+            if mode == "baseline":
+                reference_images[case] = image
+            n = r.grid[0] * r.grid[1]
+            flops = r.steps * (forward_flops(n, text_len) + (forward_flops(n, 0) if r.cfg != 1.0 else 0))
+            med = statistics.median(times)
+            e2e, cached, timings = [], [], {}
+            if mode not in ("baseline", "fast-eager"):
+                # End to end with prompts the cache has not seen (encode + denoise + decode), then a cached one.
+                e2e, _ = timed(lambda: p(f"{PROMPT} #{time.perf_counter()}", seed=7, cache=r.cache, **cases_kw[case]), 2)
+                cached, out = timed(lambda: p(PROMPT, seed=7, cache=r.cache, **cases_kw[case]), 2)
+                timings = out.timings
+            row = {
+                "mode": mode, "case": case, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0],
+                "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
+                "e2e_s": statistics.median(e2e) if e2e else None,
+                "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
+                "encode_cached_s": timings.get("encode"), "decode_s": timings.get("decode"),
+                "psnr_vs_baseline_db": psnr(image, reference_images[case]) if case in reference_images else None,
+                "cache_skipped": stats.get("cache_skipped") if mode != "baseline" else None,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            }  # fmt: skip
+            report["rows"].append(row)
+            save()
+            log(f"{mode:15s} {case:15s} denoise {med:6.3f}s  e2e {row['e2e_s'] or 0:6.3f}s  PSNR {row['psnr_vs_baseline_db']}")
+
+    for mode in ("baseline", "fast-eager"):
+        if mode in modes:
+            run_mode(mode, pipe)
+    if "compiled" in modes or "compiled+cache" in modes:
+        pipe.optimize(compile=True)
+        for mode in ("compiled", "compiled+cache"):
+            if mode in modes:
+                run_mode(mode, pipe)
+        # Encoder alone at the 512-token limit (compiled MXFP4 decode + grouped matmuls).
+        ids, mask = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, 512)), torch.ones(1, 512, dtype=torch.bool)
+        timed(lambda: pipe.text_encoder(ids, mask), 2)
+        enc, _ = timed(lambda: pipe.text_encoder(ids, mask), 5)
+        report["info"]["encoder_512_tokens_s"] = statistics.median(enc)
+        save()
+        log(f"encoder 512 tokens: {statistics.median(enc) * 1000:.1f} ms")
+    if "fp8" in modes:
+        del pipe
+        torch.cuda.empty_cache()
+        fp8 = LensPipeline.from_pretrained(root, dtype=dtype, device=device).optimize(True, "fp8")
+        run_mode("fp8", fp8)
+
+    print(f"\nGPU {report['info']['gpu']}, torch {report['info']['torch']}, {report['info']['date']}")
+    print(f"{'mode':15s} {'case':15s} {'denoise s':>9s} {'speedup':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'e2e s':>7s} {'cached':>7s} {'PSNR dB':>8s}")
+    base = {r["case"]: r["denoise_s"] for r in report["rows"] if r["mode"] == "baseline"}
+    for r in report["rows"]:
+        sp = base.get(r["case"], float("nan")) / r["denoise_s"]
+        print(
+            f"{r['mode']:15s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
+            f"{r['e2e_s'] or float('nan'):7.3f} {r['e2e_cached_prompt_s'] or float('nan'):7.3f} {r['psnr_vs_baseline_db'] or float('nan'):8.2f}"
+        )
+    print(f"encoder, 512 tokens: {report['info'].get('encoder_512_tokens_s', float('nan')) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
