@@ -1,0 +1,76 @@
+"""Where a DiT forward spends its time: SDPA backends at the Lens shapes, and the top kernels of one compiled
+forward (full-size random weights). Guides the speed work; prints tables, writes JSON.
+
+    python benchmarks/profile_dit.py --root /tmp/lens-full --json $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from lensrun import LensPipeline
+from lensrun.acceleration import attention_kernels
+
+GRIDS = {"1024": (64, 64), "1440-16:9": (68, 121)}
+TEXT = 100
+
+
+def attention_table() -> list[dict]:
+    rows = []
+    for name, (gh, gw) in GRIDS.items():
+        for text in (TEXT, 0):
+            s = gh * gw + text
+            q, k, v = (torch.randn(1, 24, s, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            flops = 4 * s * s * 64 * 24
+            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                try:
+                    with sdpa_kernel(backend):
+                        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
+                    rows.append({"grid": name, "seq": s, "backend": backend.name, "ms": ms, "tflops": flops / ms / 1e9})
+                except RuntimeError as err:
+                    rows.append({"grid": name, "seq": s, "backend": backend.name, "error": str(err)[:120]})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/lens-full")
+    ap.add_argument("--json", default="profile.json")
+    args = ap.parse_args()
+    report = {"gpu": torch.cuda.get_device_name(0), "attention": attention_table(), "forward": {}}
+    for r in report["attention"]:
+        print(r, flush=True)
+    pipe = LensPipeline.from_pretrained(Path(args.root), dtype=torch.bfloat16, device="cuda").optimize(compile=True)
+    text = [torch.randn(1, TEXT, 2880, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
+    for name, (gh, gw) in GRIDS.items():
+        x = torch.randn(1, gh * gw, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode(), attention_kernels(torch.device("cuda")):
+            cond = pipe.transformer.conditioning(t)
+            run = lambda: pipe.transformer(x, text, None, t, [(1, gh, gw)], step_conditioning=cond)
+            for _ in range(3):
+                run()
+            ms = do_bench(run, warmup=50, rep=300)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in events)
+        top = [{"kernel": e.key[:110], "us": e.device_time_total, "pct": 100 * e.device_time_total / total, "calls": e.count}
+               for e in events[:18]]  # fmt: skip
+        report["forward"][name] = {"ms": ms, "kernel_us_total": total, "top": top}
+        print(f"\n{name}: compiled forward {ms:.2f} ms (kernels {total / 1000:.2f} ms)")
+        for row in top:
+            print(f"  {row['pct']:5.1f}%  {row['us'] / 1000:7.2f} ms  x{row['calls']:<4d} {row['kernel']}")
+    Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
