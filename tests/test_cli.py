@@ -21,13 +21,19 @@ def _run(argv, capsys):
     return code, captured.out, captured.err
 
 
+def _paths(stdout: str) -> list[str]:
+    """Each output line is 'PATH  plan=… times…'."""
+    return [line.split()[0] for line in stdout.splitlines()]
+
+
 def test_generate_writes_png_with_config_and_replays_exactly(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = _run(["generate", "--prompt", "a red fox", "--seed", "5", "--out", str(out), *TINY], capsys)
     assert code == 0, err
     assert "images are noise" in err
     files = sorted(out.glob("*.png"))
-    assert [str(f) for f in files] == stdout.split()
+    assert [str(f) for f in files] == _paths(stdout)
+    assert "plan=resident+bf16" in stdout and "denoise=" in stdout
     image = Image.open(files[0])
     config = json.loads(image.text["lensrun"])
     assert config["prompt"] == "a red fox" and config["seed"] == 5 and config["steps"] == 2
@@ -38,7 +44,7 @@ def test_generate_writes_png_with_config_and_replays_exactly(tmp_path, capsys):
 
     code, stdout, err = _run(["replay", str(files[0]), "--out", str(tmp_path / "again")], capsys)
     assert code == 0, err
-    replayed = Image.open(stdout.strip())
+    replayed = Image.open(_paths(stdout)[0])
     assert np.array_equal(np.asarray(replayed), np.asarray(image))
     assert json.loads(replayed.text["lensrun"]) == config
 
@@ -47,7 +53,7 @@ def test_random_seed_recorded_and_several_prompts(tmp_path, capsys):
     argv = ["generate", "--prompt", "a", "--prompt", "b", "--n", "2", "--seed", "-1", "--out", str(tmp_path), *TINY]
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
-    paths = stdout.split()
+    paths = _paths(stdout)
     assert len(paths) == 4
     seeds = [json.loads(Image.open(p).text["lensrun"])["seed"] for p in paths]
     assert seeds == list(range(seeds[0], seeds[0] + 4))

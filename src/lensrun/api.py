@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lensrun import __version__, loading
+from lensrun import __version__, loading, memory
+from lensrun.acceleration import normalize_precision
 from lensrun.errors import LensrunError
 from lensrun.metadata import read_config, save_png
 from lensrun.pipeline import DEFAULT_MODEL, TINY_MODEL, LensPipeline
@@ -29,13 +30,43 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_pipeline(model: str, variant: str | None, dtype: torch.dtype, device: torch.device) -> LensPipeline:
-    """Load once per (model, variant, dtype, device) in this process."""
-    key = (str(model), variant, dtype, str(device))
+def load_pipeline(
+    model: str, variant: str | None, dtype: torch.dtype, device: torch.device, precision: str = "bf16"
+) -> LensPipeline:
+    """Load once per (model, variant, dtype, device, DiT precision) in this process, into CPU memory: the plan
+    then decides what goes onto the GPU and when."""
+    key = (str(model), variant, dtype, str(device), precision)
     if key not in _PIPELINES:
-        _PIPELINES.clear()  # one model resident at a time
-        _PIPELINES[key] = LensPipeline.from_pretrained(model, variant=variant, dtype=dtype, device=device)
+        _PIPELINES.clear()  # one model in memory at a time
+        pipe = LensPipeline.from_pretrained(model, variant=variant, dtype=dtype, device="cpu")
+        pipe._device = device
+        _PIPELINES[key] = pipe
     return _PIPELINES[key]
+
+
+def plans_for(
+    device: torch.device,
+    height: int,
+    width: int,
+    steps: int,
+    cfg: float,
+    vram: str | float | None = None,
+    placement: str | None = None,
+    quantize: str | None = None,
+) -> tuple[list[memory.Plan], float | None]:
+    """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget)."""
+    if placement is not None and placement not in memory.PLACEMENTS:
+        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(memory.PLACEMENTS)}")
+    if device.type != "cuda":
+        if vram is not None or placement not in (None, "resident"):
+            raise LensrunError("--vram and --placement apply to CUDA GPUs; this run is on the CPU")
+        return [memory.Plan(precision=quantize or "bf16")], None
+    budget = memory.parse_budget(vram) or memory.available_budget(device)
+    precisions = (quantize,) if quantize else memory.PRECISIONS
+    plan, preds = memory.choose(
+        budget, height, width, steps=steps, cfg=cfg != 1.0, precisions=precisions, allowed={"placement": placement}
+    )
+    return [plan, *memory.fallbacks(plan, preds)[:2]], budget
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -70,29 +101,50 @@ def generate(
     device: str | None = None,
     noise: str = "cpu",
     template_date: str = DEFAULT_TEMPLATE_DATE,
+    vram: str | float | None = None,
+    placement: str | None = None,
+    quantize: str | None = None,
+    offload: bool = False,
+    quant_transformer: str | None = None,
+    compile: bool | None = None,
+    cache: float | None = None,
     show_progress: bool = False,
+    notify=None,
 ) -> list[Path]:
-    """Generate and save PNGs (each with its full config) under ``out``; returns their paths.
+    """Generate and save PNGs (each with its full config and a run report) under ``out``; returns their paths.
 
-    All input is validated, and the model folder checked, before any weights are read.
+    All input is validated, the model folder checked and the memory plan chosen before any weights are read.
+    ``offload`` and ``quant_transformer`` are the field report's spellings of ``placement="offload"`` and
+    ``quantize``; ``compile`` defaults to on for CUDA.
     """
     torch_device = resolve_device(device)
     torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
     variant = variant or infer_variant(str(model))
-    GenerationRequest.build(
+    if offload:
+        if placement not in (None, "offload"):
+            raise LensrunError(f"--offload conflicts with --placement {placement}")
+        placement = "offload"
+    if quant_transformer is not None and quantize is not None and normalize_precision(quant_transformer) != normalize_precision(quantize):
+        raise LensrunError("--quant_transformer and --quantize disagree; give one")
+    quantize = normalize_precision(quantize or quant_transformer) if (quantize or quant_transformer) else None
+    req = GenerationRequest.build(
         prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
-        template_date,
+        template_date, cache=cache,
     )  # fmt: skip
+    plans, _ = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize)
     if str(model) != TINY_MODEL:
         loading.check_layout(loading.resolve_model(model))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LensrunError(f"output path {out} exists and is not a folder")
-    pipe = load_pipeline(str(model), variant, torch_dtype, torch_device)
-    result = pipe(
-        prompt, negative_prompt=negative_prompt, height=height, width=width, base_resolution=base_resolution,
-        aspect_ratio=aspect_ratio, num_inference_steps=steps, guidance_scale=cfg, num_images_per_prompt=n, seed=seed,
-        noise=noise, template_date=template_date, show_progress=show_progress,
+    pipe = load_pipeline(str(model), variant, torch_dtype, torch_device, plans[0].precision)
+    if compile if compile is not None else torch_device.type == "cuda":
+        pipe.optimize(compile=True)
+    result = pipe.run_planned(
+        plans, notify=notify, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+        base_resolution=base_resolution, aspect_ratio=aspect_ratio, num_inference_steps=steps, guidance_scale=cfg,
+        num_images_per_prompt=n, seed=req.seed, noise=noise, template_date=template_date, cache=cache,
+        show_progress=show_progress,
     )  # fmt: skip
     paths = []
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -100,7 +152,7 @@ def generate(
         config = {**config, "lensrun_version": __version__}
         p, k = divmod(i, n)
         path = _unique(out / f"p{p:03d}_s{k:02d}_{_slug(prompts[p])}_{config['seed']}.png")
-        save_png(image, path, config)
+        save_png(image, path, config, result.report)
         paths.append(path)
     return paths
 
@@ -136,6 +188,38 @@ def replay(
         device=device,
         noise=config.get("noise", "cpu"),
         template_date=config.get("template_date", DEFAULT_TEMPLATE_DATE),
+        quantize=config.get("quantize", "bf16"),
+        cache=config.get("cache"),
         show_progress=show_progress,
     )
     return paths[0]
+
+
+def plan_report(
+    vram: str | float,
+    base_resolution: int | None = None,
+    aspect_ratio: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    variant: str = "lens",
+    placement: str | None = None,
+    quantize: str | None = None,
+) -> str:
+    """The table of ``lensrun plan``: every plan's predicted peak and speed for this budget; no GPU needed."""
+    req = GenerationRequest.build(
+        "", None, height, width, base_resolution, aspect_ratio, steps, cfg, variant=variant, need_prompt=False
+    )
+    if placement is not None and placement not in memory.PLACEMENTS:
+        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(memory.PLACEMENTS)}")
+    budget = memory.parse_budget(vram)
+    precisions = (normalize_precision(quantize),) if quantize else memory.PRECISIONS
+    preds = memory.plan_table(
+        budget, req.height, req.width, steps=req.steps, cfg=req.cfg != 1.0, precisions=precisions,
+        allowed={"placement": placement},
+    )  # fmt: skip
+    head = f"Lens {variant}, {req.width}x{req.height}, {req.steps} steps, CFG {req.cfg:g}"
+    if not any(p.chosen for p in preds):
+        head += "\nno plan fits this budget (see the leanest below)"
+    return head + "\n" + memory.format_table(preds, budget)

@@ -9,6 +9,8 @@ import warnings
 from lensrun.errors import LensrunError
 from lensrun.pipeline import DEFAULT_MODEL, TINY_MODEL
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE
+from lensrun.acceleration import PRECISION_ALIASES, PRECISIONS
+from lensrun.memory import PLACEMENTS
 from lensrun.request import ASPECT_RATIOS, BASE_RESOLUTIONS, DTYPES, NOISE_SOURCES, VARIANTS
 
 TINY_NOTICE = (
@@ -39,13 +41,42 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
     gen.add_argument("--noise", choices=list(NOISE_SOURCES), default="cpu", help="where the seed's noise is drawn")
     gen.add_argument("--template-date", default=DEFAULT_TEMPLATE_DATE, help="date written into the chat template")
+    gen.add_argument("--vram", default=None, help="GPU memory budget, e.g. 24GB (default: what is free now)")
+    gen.add_argument("--placement", choices=list(PLACEMENTS), default=None, help="override the planner's placement")
+    precisions = [*PRECISIONS, *PRECISION_ALIASES]
+    gen.add_argument("--quantize", choices=precisions, default=None, help="override the DiT precision")
+    gen.add_argument("--offload", action="store_true", help="same as --placement offload")
+    gen.add_argument("--quant_transformer", choices=precisions, default=None, help="same as --quantize")
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    gen.add_argument("--cache", type=float, default=None, help="step-cache threshold (opt-in, e.g. 0.05; not Turbo)")
 
     rep = sub.add_parser("replay", help="regenerate an image from the config stored in its PNG")
     rep.add_argument("image")
     rep.add_argument("--out", default=None, help="output folder (default: replay/ beside the image)")
     rep.add_argument("--model", default=None, help="where the weights are now, if moved")
     rep.add_argument("--device", default=None)
+
+    plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
+    plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")
+    plan.add_argument("--base-resolution", type=int, default=None)
+    plan.add_argument("--aspect-ratio", default=None)
+    plan.add_argument("--height", type=int, default=None)
+    plan.add_argument("--width", type=int, default=None)
+    plan.add_argument("--steps", type=int, default=None)
+    plan.add_argument("--cfg", type=float, default=None)
+    plan.add_argument("--variant", choices=list(VARIANTS), default="lens")
+    plan.add_argument("--placement", choices=list(PLACEMENTS), default=None)
+    plan.add_argument("--quantize", choices=[*PRECISIONS, *PRECISION_ALIASES], default=None)
     return parser
+
+
+def _print_result(path) -> None:
+    from lensrun.metadata import read_report
+
+    report = read_report(path)
+    seconds = " ".join(f"{k}={v:.2f}s" for k, v in report.get("seconds", {}).items())
+    peak = f" peak={report['peak_allocated_gib']:.2f}GiB (reserved {report['peak_reserved_gib']:.2f})" if "peak_allocated_gib" in report else ""
+    print(f"{path}  plan={report.get('plan')}{peak} {seconds}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +90,20 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = vars(args)
             del kwargs["command"]
             prompts = kwargs.pop("prompt")
+            notify = lambda msg: print(f"lensrun: {msg}", file=sys.stderr)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", UserWarning)
-                paths = api.generate(prompts if len(prompts) > 1 else prompts[0], show_progress=True, **kwargs)
-        else:
+                paths = api.generate(
+                    prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=notify, **kwargs
+                )
+        elif args.command == "replay":
             paths = [api.replay(args.image, out=args.out, model=args.model, device=args.device, show_progress=True)]
+        else:
+            print(api.plan_report(**{k: v for k, v in vars(args).items() if k != "command"}))
+            return 0
     except LensrunError as err:
         print(f"lensrun: error: {err}", file=sys.stderr)
         return 2
     for path in paths:
-        print(path)
+        _print_result(path)
     return 0

@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 from lensrun.errors import LensrunError
 
 CHUNK = "lensrun"
+REPORT_CHUNK = "lensrun-report"  # what happened (plan, peak VRAM, times): not part of the recipe
 
 
 def parameters_text(config: dict) -> str:
@@ -50,11 +51,19 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
-def save_png(image: Image.Image, path: Path, config: dict) -> None:
+def save_png(image: Image.Image, path: Path, config: dict, report: dict | None = None) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(CHUNK, json.dumps(config, sort_keys=True))
+    if report is not None:
+        info.add_text(REPORT_CHUNK, json.dumps(report, sort_keys=True))
     info.add_text("parameters", parameters_text(config))
     write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def read_report(path: str | Path) -> dict:
+    """The run report stored beside the recipe (empty if absent)."""
+    with Image.open(path) as im:
+        return json.loads(im.text.get(REPORT_CHUNK, "{}"))
 
 
 def read_config(path: str | Path) -> dict:

@@ -8,6 +8,7 @@ tokens and run without an attention mask (LENS_SPEC §11): an empty negative is 
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from lensrun import acceleration, loading
 from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
 from lensrun.models.text_encoder import LensTextEncoder
+from lensrun.memory import Plan
 from lensrun.models.transformer_lens import FirstBlockCache, LensTransformer2DModel
+from lensrun.placement import Placer
 from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import OUTPUT_TYPES, GenerationRequest, check_variant, infer_variant
@@ -41,6 +44,7 @@ class LensPipelineOutput:
     images: list | np.ndarray | torch.Tensor
     configs: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
 
 
 def _rows(features: list[torch.Tensor], mask: torch.Tensor | None) -> list[list[torch.Tensor]]:
@@ -81,6 +85,8 @@ class LensPipeline:
         self.prompt_cache = prompt_cache or PromptCache(f"unnamed:{id(text_encoder)}")
         self.precision = "bf16"
         self.compiled = False
+        self.placer: Placer | None = None
+        self._device = transformer.img_in.weight.device
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -162,6 +168,7 @@ class LensPipeline:
     def to(self, device: str | torch.device | None = None) -> LensPipeline:
         """Place every component on ``device`` (default: CUDA when present, else CPU)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = device
         self.transformer.to(device)
         self.vae.to(device)
         if self.text_encoder is not None:
@@ -191,9 +198,56 @@ class LensPipeline:
             self.compiled = True
         return self
 
+    def apply_plan(self, plan: Plan, device: str | torch.device | None = None) -> LensPipeline:
+        """Carry out a memory plan (see ``lensrun.memory``): DiT precision, placement, decode chunk, VAE tiling.
+
+        Weights may still be in CPU memory (``from_pretrained(device="cpu")``): a phased plan never puts more
+        than one component on the GPU at a time.
+        """
+        if device is not None:
+            self._device = torch.device(device)
+        if self.placer is not None:
+            self.placer.release()
+            self.placer = None
+        if plan.precision != self.precision:
+            self.optimize(compile=self.compiled, precision=plan.precision)
+        self.placer = Placer(self, plan)
+        self.placer.apply()
+        return self
+
+    def run_planned(self, plans: list[Plan], notify: Callable[[str], None] | None = None, **call) -> LensPipelineOutput:
+        """``self(**call)`` under the first plan; on a CUDA out-of-memory error, retry with the next one.
+
+        The retry happens after the ``except`` block has ended (its traceback holds the failed step's tensors),
+        then ``gc.collect()`` and ``empty_cache()`` give the memory back before the next plan is applied.
+        """
+        errors = []
+        for i, plan in enumerate(plans):
+            self.apply_plan(plan)
+            try:
+                out = self(**call)
+                out.report["fallbacks"] = [f"{p.name}: {e}" for p, e in zip(plans, errors)]
+                return out
+            except torch.OutOfMemoryError as err:
+                errors.append(str(err).splitlines()[0][:200])
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if notify is not None and i + 1 < len(plans):
+                notify(f"out of memory under plan {plan.name}; retrying with {plans[i + 1].name}")
+        raise LensrunError(f"out of memory under every plan tried: {'; '.join(errors)}")
+
+    @property
+    def plan(self) -> Plan:
+        return self.placer.plan if self.placer is not None else Plan(precision=self.precision)
+
+    def _phase(self, name: str):
+        return self.placer.phase(name) if self.placer is not None else contextlib.nullcontext()
+
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        """Where the computation runs (weights may visit it only for their phase under a plan)."""
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -370,43 +424,50 @@ class LensPipeline:
         if latents is not None and latents.shape[0] != total:
             raise LensrunError(f"latents hold {latents.shape[0]} images but {total} are asked for")
         clock = _PhaseClock(self.device)
-        with clock("encode"):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with clock("encode"), self._phase("encode"):
             pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
 
         bar = tqdm(total=total * req.steps, desc="denoising", unit="step", disable=not show_progress)
-        outputs, configs = [], []
-        for p in range(len(req.prompts)):
-            for k in range(req.n):
-                index = p * req.n + k
-                settings = req.image_settings(p, k)
-                if latents is not None:
-                    x = latents[index : index + 1].to(self.device, self.dtype)
-                elif generator is not None:
-                    x = randn_tensor((1, *self._token_shape(req)), generator=generator, device=self.device, dtype=self.dtype)
-                    settings["seed"] = None
-                else:
-                    x = self.initial_noise(settings["seed"], req.grid, req.noise)
+        results, configs = [], []
+        with clock("denoise"), self._phase("denoise"):
+            for p in range(len(req.prompts)):
+                for k in range(req.n):
+                    index = p * req.n + k
+                    settings = req.image_settings(p, k)
+                    if latents is not None:
+                        x = latents[index : index + 1].to(self.device, self.dtype)
+                    elif generator is not None:
+                        x = randn_tensor((1, *self._token_shape(req)), generator=generator, device=self.device, dtype=self.dtype)
+                        settings["seed"] = None
+                    else:
+                        x = self.initial_noise(settings["seed"], req.grid, req.noise)
 
-                def step(i: int, n: int, _base: int = index * req.steps) -> None:
-                    bar.update(1)
-                    if on_step is not None:
-                        on_step(_base + i, total * req.steps)
+                    def step(i: int, n: int, _base: int = index * req.steps) -> None:
+                        bar.update(1)
+                        if on_step is not None:
+                            on_step(_base + i, total * req.steps)
 
-                with clock("denoise"):
-                    x = self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step, stats=clock.totals)
-                if output_type != "latent":
-                    with clock("decode"):
-                        x = decode_tokens(self.vae, x, req.grid)
-                outputs.append(x)
-                settings.update(
-                    model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."),
-                    quantize=self.precision,
-                )  # fmt: skip
-                configs.append(settings)
+                    results.append(self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step, stats=clock.totals))
+                    settings.update(
+                        model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."),
+                        quantize=self.precision, vae_tiling=self.plan.vae_tiling,
+                    )  # fmt: skip
+                    configs.append(settings)
         bar.close()
-        return LensPipelineOutput(images=_format(outputs, output_type), configs=configs, timings=clock.totals)
+        if output_type != "latent":
+            with clock("decode"), self._phase("decode"):
+                results = [decode_tokens(self.vae, x, req.grid) for x in results]
+        report = {"plan": self.plan.name, "seconds": {k: v for k, v in clock.totals.items() if not k.startswith("cache")}}
+        if self.device.type == "cuda":
+            report["peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            report["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        return LensPipelineOutput(
+            images=_format(results, output_type), configs=configs, timings=clock.totals, report=report
+        )
 
     def _token_shape(self, req: GenerationRequest) -> tuple[int, int]:
         return req.grid[0] * req.grid[1], self.transformer.config.in_channels

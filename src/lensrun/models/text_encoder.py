@@ -36,29 +36,48 @@ class Mxfp4Experts(nn.Module):
         self.down_proj_scales = nn.Parameter(torch.zeros(e, h, i // 32, **u8), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
         self.dequantize = mxfp4.dequantize  # replaced by a compiled (fused) version on CUDA
+        self.chunk = e  # experts decoded at once; the memory planner may lower it
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Route each (token, slot) pair to its expert with one grouped matmul per projection: no per-expert
-        loop and no host sync. Weights are dequantized for the whole layer, used, and dropped."""
+        """Route each (token, slot) pair to its expert with grouped matmuls over the experts' sorted rows.
+
+        With ``chunk`` ≥ the expert count there is no loop and no host sync; a smaller chunk decodes that many
+        experts at a time (one sync per layer), bounding the decoded weights in memory to the chunk's.
+        """
         num_experts = self.gate_up_proj_blocks.shape[0]
-        dtype = x.dtype
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         expert_of = flat[order]
         token = order // indices.shape[1]
         offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
-        w_gu = self.dequantize(self.gate_up_proj_blocks, self.gate_up_proj_scales, dtype)  # [E, 2I, H]
-        gu = torch._grouped_mm(x[token], w_gu.transpose(-2, -1), offs=offsets)
+        rows = x[token]
+        if self.chunk >= num_experts:
+            y = self._experts(rows, expert_of, offsets, slice(0, num_experts))
+        else:
+            ends = [0, *offsets.tolist()]
+            parts = []
+            for e0 in range(0, num_experts, self.chunk):
+                e1 = min(e0 + self.chunk, num_experts)
+                r0, r1 = ends[e0], ends[e1]
+                if r1 > r0:
+                    parts.append(self._experts(rows[r0:r1], expert_of[r0:r1], offsets[e0:e1] - r0, slice(e0, e1)))
+            y = torch.cat(parts)
+        y = y * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _experts(self, rows: torch.Tensor, expert_of: torch.Tensor, offsets: torch.Tensor, experts: slice) -> torch.Tensor:
+        """SwiGLU-with-clamp of sorted ``rows`` through the experts in ``experts`` (decoded here, then dropped)."""
+        dtype = rows.dtype
+        w_gu = self.dequantize(self.gate_up_proj_blocks[experts], self.gate_up_proj_scales[experts], dtype)
+        gu = torch._grouped_mm(rows, w_gu.transpose(-2, -1), offs=offsets)
         del w_gu
         gu = gu + self.gate_up_proj_bias.to(dtype)[expert_of]
         gate = gu[..., 0::2].clamp(max=self.limit)
         up = gu[..., 1::2].clamp(-self.limit, self.limit)
         act = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))).contiguous()
-        w_down = self.dequantize(self.down_proj_blocks, self.down_proj_scales, dtype)  # [E, H, I]
+        w_down = self.dequantize(self.down_proj_blocks[experts], self.down_proj_scales[experts], dtype)
         y = torch._grouped_mm(act, w_down.transpose(-2, -1), offs=offsets)
-        del w_down
-        y = (y + self.down_proj_bias.to(dtype)[expert_of]) * weights.flatten()[order, None].to(dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return y + self.down_proj_bias.to(dtype)[expert_of]
 
 
 class Mxfp4MoE(nn.Module):
@@ -163,6 +182,11 @@ class LensTextEncoder(nn.Module):
         fused = torch.compile(mxfp4.dequantize, dynamic=False, fullgraph=True)
         for layer in self.layers:
             layer.mlp.experts.dequantize = fused
+
+    def set_decode_chunk(self, experts: int) -> None:
+        """Decode at most ``experts`` experts' weights at once (memory planner's knob)."""
+        for layer in self.layers:
+            layer.mlp.experts.chunk = experts
 
     @staticmethod
     def _build_meta(config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):

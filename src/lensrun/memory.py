@@ -1,0 +1,291 @@
+"""The one place where lensrun decides how a generation uses GPU memory.
+
+For a VRAM budget and an image size it predicts the peak of every plan — placement × DiT precision × encoder
+decode chunk × VAE tiling — from the components' real sizes (computed from the configs, no weights needed) and
+an activation model measured on the GPU, then picks the fastest plan whose predicted peak fits with a margin.
+The pipeline asks this module; nothing else in lensrun branches on memory.
+
+Activation model (measured 2026-11-25, H200, full-size random weights, `benchmarks/calibrate_memory.py`,
+raw JSON in docs/measurements/): DiT forward, batch 1, mask-free: 0.19 GiB at 4216 tokens, 0.38 GiB at 8348
+(≈ 46 KiB/token); encoder: 4.0 GiB above its weights at any prompt length (one layer's 32 experts dequantized
+at once, plus the decode's index temporaries ≈ 10× the layer's packed experts); VAE decode: 2.38 GiB at 1024²,
+4.78 GiB at 1088×1936 (≈ 2.3 KiB/pixel), tiled: 2.38 GiB at any size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lensrun import random_checkpoint as rc
+from lensrun.acceleration import PRECISIONS, quantizable
+from lensrun.errors import LensrunError
+from lensrun.models.transformer_lens import LensTransformer2DModel
+
+GIB = 2**30
+DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348
+ENCODER_DECODE_FACTOR = 10.0  # extra bytes per packed-expert byte of one layer while it is decoded
+ENCODER_FIXED = 0.05 * GIB  # attention scores, hidden states, captured features (≤ 512 tokens)
+VAE_BYTES_PER_PIXEL = 4.776 * GIB / 2106368
+VAE_TILED_CAP = 2.386 * GIB
+SAFETY = 1.08  # allocator fragmentation and what the model above does not see
+PLACEMENTS = ("resident", "phased", "offload")
+# Relative DiT speed per precision, measured with the compiled path on the H100 (bf16 1.0; fp8 dynamic 1.39×
+# slower at 1024²); weight-only modes are dequantized per matmul and slower still (LENS_SPEC §12).
+PRECISION_SLOWDOWN = {"bf16": 1.0, "fp8": 1.39, "fp8-weight": 1.36, "int8-weight": 1.5, "int4-weight": 1.8}
+HOST_TO_DEVICE = 20e9  # bytes/s from pinned memory, conservative for PCIe 4 cards (55 GB/s measured on H100)
+DIT_TFLOPS = 400e12  # achieved by the compiled bf16 path (docs/performance.md)
+CHUNKS = (32, 8, 2)  # experts decoded at once in the encoder
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Bytes of each component's weights as they sit on the GPU."""
+
+    dit: dict[str, int]  # per precision
+    encoder_body: int  # everything but the embedding table
+    encoder_embedding: int
+    encoder_layer_experts: int  # packed experts of one layer
+    encoder_experts: int  # number of experts per layer
+    vae: int
+    dit_blocks: int
+    dit_width: int
+
+    @classmethod
+    def from_configs(cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2) -> ComponentSizes:
+        with torch.device("meta"):
+            model = LensTransformer2DModel(**transformer)
+        quantizable_bytes = sum(m.weight.numel() for n, m in model.named_modules() if quantizable(m, n))
+        other = (sum(p.numel() for p in model.parameters()) - quantizable_bytes) * dtype_bytes
+        dit = {
+            "bf16": other + quantizable_bytes * dtype_bytes,
+            "fp8": other + quantizable_bytes,
+            "fp8-weight": other + quantizable_bytes,
+            "int8-weight": other + quantizable_bytes,
+            "int4-weight": other + quantizable_bytes // 2 + quantizable_bytes // 64,
+        }
+        e_meta = rc.text_encoder_meta_state(text_encoder)
+        body = emb = experts = 0
+        for key, t in e_meta.items():
+            if key == "lm_head.weight" or key == "model.norm.weight":
+                continue
+            size = t.numel() * (1 if t.dtype == torch.uint8 else 2)
+            if key == "model.embed_tokens.weight":
+                emb += size
+            else:
+                body += size
+            if ".layers.0.mlp.experts." in key and t.dtype == torch.uint8:
+                experts += size
+        vae_bytes = sum(t.numel() * dtype_bytes for k, t in rc.vae_meta_state(vae).items() if t.dtype.is_floating_point)
+        return cls(
+            dit=dit, encoder_body=body, encoder_embedding=emb, encoder_layer_experts=experts,
+            encoder_experts=text_encoder["num_local_experts"], vae=vae_bytes,
+            dit_blocks=transformer["num_layers"], dit_width=transformer["inner_dim"],
+        )  # fmt: skip
+
+    @classmethod
+    def lens(cls) -> ComponentSizes:
+        """The published Lens shapes (all three variants share them)."""
+        return cls.from_configs(rc.FULL_TRANSFORMER_CONFIG, rc.FULL_TEXT_ENCODER_CONFIG, rc.FULL_VAE_CONFIG)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one generation runs. ``encoder_chunk``: experts decoded at once; ``vae_tiling``: tiled decode."""
+
+    placement: str = "resident"
+    precision: str = "bf16"
+    encoder_chunk: int = 32
+    vae_tiling: bool = False
+    embedding_on_cpu: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [self.placement, self.precision]
+        if self.encoder_chunk < 32:
+            parts.append(f"enc-chunk{self.encoder_chunk}")
+        if self.vae_tiling:
+            parts.append("vae-tiled")
+        if self.embedding_on_cpu:
+            parts.append("emb-cpu")
+        return "+".join(parts)
+
+
+@dataclass
+class Prediction:
+    plan: Plan
+    peak_bytes: float
+    phases: dict[str, float]
+    seconds: float
+    fits: bool = False
+    chosen: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        return {
+            "plan": self.plan.name, **asdict(self.plan), "predicted_peak_gib": self.peak_bytes / GIB,
+            "phases_gib": {k: v / GIB for k, v in self.phases.items()}, "predicted_s": self.seconds,
+            "fits": self.fits, "chosen": self.chosen,
+        }  # fmt: skip
+
+
+def _dit_flops(tokens: int, text: int, blocks: int, width: int) -> float:
+    macs = width * 3 * width + width * width + 3 * width * int(width / 3 * 8)
+    s = tokens + text
+    return blocks * (2 * macs * s + 4 * s * s * width)
+
+
+def predict(
+    plan: Plan, sizes: ComponentSizes, height: int, width: int, steps: int = 20, cfg: bool = True, text_tokens: int = 128
+) -> Prediction:
+    """Peak VRAM per phase and an estimate of the time for one image under ``plan``."""
+    tokens = (height // 16) * (width // 16)
+    pixels = height * width
+    dit = sizes.dit[plan.precision]
+    emb = 0 if plan.embedding_on_cpu else sizes.encoder_embedding
+    encoder = sizes.encoder_body + emb
+    enc_extra = ENCODER_FIXED + ENCODER_DECODE_FACTOR * sizes.encoder_layer_experts * plan.encoder_chunk / sizes.encoder_experts
+    features = 4 * text_tokens * 2880 * 2 * 2
+    dit_extra = DIT_BYTES_PER_TOKEN * (tokens + text_tokens) + features
+    vae_extra = min(VAE_BYTES_PER_PIXEL * pixels, VAE_TILED_CAP) if plan.vae_tiling else VAE_BYTES_PER_PIXEL * pixels
+    if plan.placement == "resident":
+        weights = encoder + dit + sizes.vae
+        phases = {"encode": weights + enc_extra, "denoise": weights + dit_extra, "decode": weights + vae_extra}
+    else:  # phased / offload: one component on the GPU at a time
+        phases = {"encode": encoder + enc_extra, "denoise": dit + dit_extra, "decode": sizes.vae + vae_extra}
+    forwards = steps * (2 if cfg else 1)
+    compute = forwards * _dit_flops(tokens, text_tokens, sizes.dit_blocks, sizes.dit_width) / DIT_TFLOPS
+    seconds = compute * PRECISION_SLOWDOWN[plan.precision]
+    if plan.placement != "resident":
+        moved = encoder + dit + sizes.vae
+        seconds += moved / HOST_TO_DEVICE * (1.0 if plan.placement == "phased" else 2.0)
+    if plan.encoder_chunk < 32:
+        seconds += 0.002 * 24 * (32 // plan.encoder_chunk)
+    if plan.vae_tiling and VAE_BYTES_PER_PIXEL * pixels > VAE_TILED_CAP:
+        seconds += 0.05
+    return Prediction(plan, max(phases.values()), phases, seconds)
+
+
+def candidate_plans(precisions: tuple[str, ...] = PRECISIONS) -> list[Plan]:
+    """Quantized DiTs are planned resident only: their torchao tensors are not moved between phases."""
+    plans = []
+    for placement in PLACEMENTS:
+        for precision in precisions if placement == "resident" else ("bf16",):
+            for chunk in CHUNKS:
+                for tiling in (False, True):
+                    for emb_cpu in (False, True):
+                        plans.append(Plan(placement, precision, chunk, tiling, emb_cpu))
+    return plans
+
+
+def parse_budget(vram: str | float | int | None) -> float | None:
+    """'24GB', '24GiB', '24', 24 → bytes (GB and GiB both read as GiB, as cards are sold)."""
+    if vram is None:
+        return None
+    if isinstance(vram, (int, float)):
+        value = float(vram)
+    else:
+        text = vram.strip().lower().removesuffix("ib").removesuffix("b").removesuffix("g")
+        try:
+            value = float(text)
+        except ValueError:
+            raise LensrunError(f"cannot read VRAM budget '{vram}': give GiB, e.g. 24 or 24GB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise LensrunError(f"VRAM budget must be a positive number of GiB, got {vram}")
+    return value * GIB
+
+
+def available_budget(device: torch.device) -> float:
+    """Free memory now plus what this process already holds (its weights can be re-placed)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def plan_table(
+    budget: float,
+    height: int,
+    width: int,
+    steps: int = 20,
+    cfg: bool = True,
+    sizes: ComponentSizes | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    allowed: dict | None = None,
+) -> list[Prediction]:
+    """Every candidate plan (restricted by ``allowed`` overrides) with its prediction; the chosen one marked.
+
+    Choice: fits (peak × margin ≤ budget), then fastest, then bf16 over quantized, then the simplest.
+    """
+    sizes = sizes or ComponentSizes.lens()
+    allowed = {k: v for k, v in (allowed or {}).items() if v is not None}
+    preds = []
+    for plan in candidate_plans(precisions):
+        if any(getattr(plan, k) != v for k, v in allowed.items()):
+            continue
+        p = predict(plan, sizes, height, width, steps, cfg)
+        p.fits = p.peak_bytes * SAFETY <= budget
+        preds.append(p)
+    fitting = [p for p in preds if p.fits]
+    if fitting:
+        best = min(
+            fitting,
+            key=lambda p: (
+                round(p.seconds, 2), p.plan.precision != "bf16", -p.plan.encoder_chunk, p.plan.vae_tiling,
+                p.plan.embedding_on_cpu,
+            ),
+        )  # fmt: skip
+        best.chosen = True
+    return preds
+
+
+def choose(budget: float, height: int, width: int, **kwargs) -> tuple[Plan, list[Prediction]]:
+    """The chosen plan, or a LensrunError that says how much memory the leanest plan needs."""
+    preds = plan_table(budget, height, width, **kwargs)
+    chosen = [p for p in preds if p.chosen]
+    if not chosen:
+        if not preds:
+            raise LensrunError("no plan matches the given --placement/--quantize overrides")
+        lean = min(preds, key=lambda p: p.peak_bytes)
+        raise LensrunError(
+            f"no plan fits {budget / GIB:.1f} GiB for {width}x{height}: the leanest ({lean.plan.name}) needs "
+            f"{lean.peak_bytes * SAFETY / GIB:.1f} GiB"
+        )
+    return chosen[0].plan, preds
+
+
+def fallbacks(plan: Plan, preds: list[Prediction]) -> list[Plan]:
+    """Plans to retry with after an OOM under ``plan``: the fitting ones with a lower predicted peak."""
+    current = next(p for p in preds if p.plan == plan)
+    leaner = [p for p in preds if p.peak_bytes < current.peak_bytes]
+    return [p.plan for p in sorted(leaner, key=lambda p: (p.seconds, p.peak_bytes))]
+
+
+def summary(preds: list[Prediction]) -> list[Prediction]:
+    """One row per (placement, precision): the chosen plan, else the fastest fitting, else the leanest."""
+    groups: dict[tuple[str, str], list[Prediction]] = {}
+    for p in preds:
+        groups.setdefault((p.plan.placement, p.plan.precision), []).append(p)
+    rows = []
+    for group in groups.values():
+        fitting = [p for p in group if p.fits]
+        chosen = [p for p in group if p.chosen]
+        rows.append(chosen[0] if chosen else min(fitting, key=lambda p: p.seconds) if fitting else min(group, key=lambda p: p.peak_bytes))
+    return rows
+
+
+def format_table(preds: list[Prediction], budget: float) -> str:
+    """The plan table `lensrun plan` prints."""
+    rows = summary(preds)
+    fastest = min(p.seconds for p in preds)
+    lines = [
+        f"budget {budget / GIB:.1f} GiB (plans must fit with a {int((SAFETY - 1) * 100)}% margin)",
+        f"{'':2s}{'plan':50s} {'peak GiB':>8s} {'encode':>7s} {'denoise':>7s} {'decode':>7s} {'est. s':>7s} {'speed':>6s} fits",
+    ]
+    for p in sorted(rows, key=lambda p: (not p.fits, p.seconds)):
+        ph = {k: v / GIB for k, v in p.phases.items()}
+        lines.append(
+            f"{'=>' if p.chosen else '  '}{p.plan.name:50s} {p.peak_bytes / GIB:8.2f} {ph['encode']:7.2f} {ph['denoise']:7.2f} "
+            f"{ph['decode']:7.2f} {p.seconds:7.2f} {fastest / p.seconds:5.2f}x {'yes' if p.fits else 'no'}"
+        )
+    return "\n".join(lines)
