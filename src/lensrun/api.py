@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lensrun import __version__, loading, memory
-from lensrun.acceleration import normalize_precision
+from lensrun.acceleration import check_precision, normalize_precision
 from lensrun.errors import LensrunError
 from lensrun.metadata import read_config, save_png
 from lensrun.pipeline import DEFAULT_MODEL, TINY_MODEL, LensPipeline
@@ -57,6 +57,8 @@ def plans_for(
     """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget)."""
     if placement is not None and placement not in memory.PLACEMENTS:
         raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(memory.PLACEMENTS)}")
+    if quantize is not None:
+        check_precision(quantize, device)
     if device.type != "cuda":
         if vram is not None or placement not in (None, "resident"):
             raise LensrunError("--vram and --placement apply to CUDA GPUs; this run is on the CPU")

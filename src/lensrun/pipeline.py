@@ -221,18 +221,24 @@ class LensPipeline:
         The retry happens after the ``except`` block has ended (its traceback holds the failed step's tensors),
         then ``gc.collect()`` and ``empty_cache()`` give the memory back before the next plan is applied.
         """
-        errors = []
+        errors: list[str] = []
+        recoveries: list[dict] = []
+        allocated = lambda: torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
         for i, plan in enumerate(plans):
-            self.apply_plan(plan)
+            before = allocated()
             try:
+                self.apply_plan(plan)
+                before = allocated()
                 out = self(**call)
                 out.report["fallbacks"] = [f"{p.name}: {e}" for p, e in zip(plans, errors)]
+                out.report["recoveries"] = recoveries
                 return out
             except torch.OutOfMemoryError as err:
                 errors.append(str(err).splitlines()[0][:200])
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            recoveries.append({"plan": plan.name, "allocated_before_gib": before, "allocated_after_cleanup_gib": allocated()})
             if notify is not None and i + 1 < len(plans):
                 notify(f"out of memory under plan {plan.name}; retrying with {plans[i + 1].name}")
         raise LensrunError(f"out of memory under every plan tried: {'; '.join(errors)}")

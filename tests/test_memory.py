@@ -1,0 +1,165 @@
+"""Memory planner predictions and choices, plan execution on the CPU, and OOM recovery."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from lensrun import LensrunError, memory
+from lensrun.cli import main
+from lensrun.memory import GIB, Plan
+from lensrun.placement import HostedWeights
+
+SMALL = dict(height=32, width=48, num_inference_steps=2, output_type="latent")
+
+
+def test_sizes_from_configs_match_the_published_model():
+    sizes = memory.ComponentSizes.lens()
+    assert sizes.dit["bf16"] == 4_104_225_152 * 2
+    # Block linears (QKV, outputs, MLPs) become 1 byte; modulation and the rest stay bf16.
+    quantized = 48 * (2 * 1536 * 4608 + 2 * 1536 * 1536 + 6 * 1536 * 4096)
+    assert sizes.dit["fp8"] == sizes.dit["bf16"] - quantized
+    assert sizes.encoder_embedding == 201088 * 2880 * 2
+    # 24 layers of packed experts: blocks + scales, 4.25 bits per weight.
+    experts = 32 * (5760 * 2880 + 2880 * 2880) * 17 // 32
+    assert sizes.encoder_layer_experts == experts
+    assert 10.5 * GIB < sizes.encoder_body < 10.8 * GIB
+
+
+@pytest.mark.parametrize(
+    "vram, size, check",
+    [
+        (24, (1088, 1936), lambda p: p.precision == "bf16" and p.placement == "resident"),
+        (16, (1088, 1936), lambda p: p.placement in ("resident", "phased")),
+        (12, (1024, 1024), lambda p: p.placement in ("resident", "phased")),
+        (80, (1024, 1024), lambda p: p == Plan()),
+    ],
+)
+def test_issue_cells_choose_plans_without_per_step_offload(vram, size, check):
+    plan, preds = memory.choose(vram * GIB, *size)
+    chosen = next(p for p in preds if p.chosen)
+    assert check(plan), plan
+    assert chosen.peak_bytes * memory.SAFETY <= vram * GIB
+    # Nothing that fits is predicted faster than the choice.
+    assert all(p.seconds >= chosen.seconds - 0.01 for p in preds if p.fits)
+
+
+def test_too_small_budget_says_what_is_needed():
+    with pytest.raises(LensrunError, match=r"no plan fits 4.0 GiB for 1024x1024: the leanest .* needs \d+\.\d GiB"):
+        memory.choose(4 * GIB, 1024, 1024)
+
+
+def test_bigger_images_never_predict_less_memory():
+    sizes = memory.ComponentSizes.lens()
+    for plan in memory.candidate_plans():
+        small = memory.predict(plan, sizes, 1024, 1024)
+        big = memory.predict(plan, sizes, 1440, 1440)
+        assert big.peak_bytes >= small.peak_bytes and big.seconds > small.seconds
+
+
+@pytest.mark.parametrize("text, gib", [("24GB", 24), ("24GiB", 24), ("12.5", 12.5), (8, 8)])
+def test_parse_budget(text, gib):
+    assert memory.parse_budget(text) == gib * GIB
+
+
+def test_bad_budget():
+    with pytest.raises(LensrunError, match="cannot read VRAM budget 'lots'"):
+        memory.parse_budget("lots")
+
+
+def test_plan_command_needs_no_gpu(capsys):
+    assert main(["plan", "--vram", "24GB", "--base-resolution", "1440", "--aspect-ratio", "16:9"]) == 0
+    out = capsys.readouterr().out
+    assert "1936x1088, 20 steps" in out
+    chosen = [line for line in out.splitlines() if line.startswith("=>")]
+    assert len(chosen) == 1 and "resident+bf16" in chosen[0]
+
+
+def test_encoder_decode_chunk_changes_nothing(tiny_pipe):
+    full, _ = tiny_pipe.encode_prompt(["a fox in the snow"])
+    tiny_pipe.text_encoder.set_decode_chunk(1)
+    try:
+        chunked, _ = tiny_pipe.encode_prompt(["a fox in the snow"])
+    finally:
+        tiny_pipe.text_encoder.set_decode_chunk(32)
+    for a, b in zip(full, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_hosted_weights_swap_storage_not_values():
+    layer = torch.nn.Linear(4, 3)
+    before = layer.weight.detach().clone()
+    hosted = HostedWeights(layer, torch.device("cpu"), pinned=False)
+    hosted.load()
+    assert hosted.on_device and torch.equal(layer.weight, before)
+    hosted.unload()
+    assert torch.equal(layer.weight, before)
+
+
+def test_plan_settings_are_applied(tiny_pipe):
+    try:
+        tiny_pipe.apply_plan(Plan(vae_tiling=True, encoder_chunk=2, embedding_on_cpu=True))
+        assert tiny_pipe.vae.use_tiling
+        assert tiny_pipe.text_encoder.layers[0].mlp.experts.chunk == 2
+        out = tiny_pipe("x", seed=1, **SMALL)
+        assert out.report["plan"] == "resident+bf16+enc-chunk2+vae-tiled+emb-cpu"
+    finally:
+        tiny_pipe.apply_plan(Plan())
+    assert not tiny_pipe.vae.use_tiling
+
+
+def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkeypatch):
+    expected = tiny_pipe("a fox", seed=3, **SMALL).images
+    inner = tiny_pipe.transformer.forward
+    state = {"failed": False}
+    doomed = []
+
+    def flaky(*args, **kwargs):
+        if not state["failed"]:
+            state["failed"] = True
+            big = torch.empty(4 * 2**20)  # a tensor the failed step holds when it dies
+            doomed.append(weakref.ref(big))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", flaky)
+    messages = []
+    plans = [Plan(), Plan(encoder_chunk=8)]
+    out = tiny_pipe.run_planned(plans, notify=messages.append, prompt="a fox", seed=3, **SMALL)
+    tiny_pipe.apply_plan(Plan())
+    assert torch.equal(out.images, expected)
+    assert out.report["plan"] == "resident+bf16+enc-chunk8"
+    assert out.report["fallbacks"][0].startswith("resident+bf16: CUDA out of memory")
+    assert messages == ["out of memory under plan resident+bf16; retrying with resident+bf16+enc-chunk8"]
+    gc.collect()
+    assert doomed[0]() is None
+
+
+def test_oom_under_every_plan_is_a_clear_error(tiny_pipe, monkeypatch):
+    def always(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", always)
+    with pytest.raises(LensrunError, match="out of memory under every plan tried"):
+        tiny_pipe.run_planned([Plan()], prompt="a fox", seed=3, **SMALL)
+    tiny_pipe.apply_plan(Plan())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vram", "8GB"], "--vram and --placement apply to CUDA GPUs"),
+        (["--placement", "phased"], "--vram and --placement apply to CUDA GPUs"),
+        (["--quantize", "fp8"], "(needs torchao|needs a CUDA GPU)"),
+        (["--quant_transformer", "float8_weight_only"], "(needs torchao|needs a CUDA GPU)"),
+        (["--offload", "--placement", "resident"], "--offload conflicts with --placement resident"),
+        (["--cache", "0.05", "--variant", "turbo"], "Turbo has no steps to spare"),
+    ],
+)
+def test_memory_options_refused_on_cpu(tmp_path, capsys, extra, message):
+    argv = ["generate", "--prompt", "x", "--model", "tiny-random", "--device", "cpu", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "o").exists()
