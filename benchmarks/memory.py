@@ -30,7 +30,7 @@ def cell(root: str, budget: float | None, size: str, force_resident: bool) -> di
     from lensrun.api import plans_for
 
     height, width = SIZES[size]
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     if budget is not None:
         torch.cuda.set_per_process_memory_fraction(budget * GIB / total, device)
@@ -45,6 +45,8 @@ def cell(root: str, budget: float | None, size: str, force_resident: bool) -> di
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cpu")
     pipe._device = device
     notes: list[str] = []
+    if not force_resident:  # warm kernels and pinned buffers, so the timed run is a steady-state one
+        pipe.run_planned(plans, prompt="warm up", seed=1, height=height, width=width, num_inference_steps=2)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()

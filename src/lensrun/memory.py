@@ -199,8 +199,9 @@ def parse_budget(vram: str | float | int | None) -> float | None:
 
 def available_budget(device: torch.device) -> float:
     """Free memory now plus what this process already holds (its weights can be re-placed)."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, _ = torch.cuda.mem_get_info(index)
+    return free + torch.cuda.memory_reserved(index)
 
 
 def plan_table(

@@ -206,6 +206,8 @@ class LensPipeline:
         """
         if device is not None:
             self._device = torch.device(device)
+        if self.placer is not None and self.placer.plan == plan and self.placer.device == self._device:
+            return self
         if self.placer is not None:
             self.placer.release()
             self.placer = None

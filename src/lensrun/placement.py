@@ -47,9 +47,10 @@ class HostedWeights:
             t.data = cpu
         self.on_device = False
 
-    def restore(self) -> None:
-        """Back to plain residency on the device (when a plan is replaced)."""
-        self.load()
+    def release(self) -> None:
+        """Stop managing: the tensors stay in CPU memory, where the next plan picks them up. (Loading them back
+        onto the GPU here would put every component there at once, the very peak the plan avoided.)"""
+        self.unload()
         self.tensors, self.host = [], []
 
 
@@ -91,9 +92,9 @@ class Placer:
         torch.cuda.empty_cache()
 
     def release(self) -> None:
-        """Undo the plan: every component resident again."""
+        """Undo the plan's hosting; the next plan's ``apply`` places the weights."""
         for hosted in self.hosted.values():
-            hosted.restore()
+            hosted.release()
         self.hosted.clear()
 
     @contextlib.contextmanager
