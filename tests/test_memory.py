@@ -98,7 +98,7 @@ def test_hosted_weights_swap_storage_not_values():
     hosted.load()
     host_ptr = hosted.host[0].data_ptr()
     hosted.release()  # a replaced plan leaves the weights in CPU memory, never all on the GPU at once
-    assert layer.weight.data_ptr() == host_ptr and hosted.tensors == []
+    assert layer.weight.data_ptr() == host_ptr and hosted.tensors == [] and not hosted.on_device
 
 
 def test_plan_settings_are_applied(tiny_pipe):
