@@ -55,8 +55,7 @@ def plans_for(
     quantize: str | None = None,
 ) -> tuple[list[memory.Plan], float | None]:
     """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget)."""
-    if placement is not None and placement not in memory.PLACEMENTS:
-        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(memory.PLACEMENTS)}")
+    memory.check_placement(placement)
     if quantize is not None:
         check_precision(quantize, device)
     if device.type != "cuda":
@@ -213,8 +212,7 @@ def plan_report(
     req = GenerationRequest.build(
         "", None, height, width, base_resolution, aspect_ratio, steps, cfg, variant=variant, need_prompt=False
     )
-    if placement is not None and placement not in memory.PLACEMENTS:
-        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(memory.PLACEMENTS)}")
+    memory.check_placement(placement)
     budget = memory.parse_budget(vram)
     precisions = (normalize_precision(quantize),) if quantize else memory.PRECISIONS
     preds = memory.plan_table(

@@ -180,6 +180,11 @@ def candidate_plans(precisions: tuple[str, ...] = PRECISIONS) -> list[Plan]:
     return plans
 
 
+def check_placement(placement: str | None) -> None:
+    if placement is not None and placement not in PLACEMENTS:
+        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(PLACEMENTS)}")
+
+
 def parse_budget(vram: str | float | int | None) -> float | None:
     """'24GB', '24GiB', '24', 24 → bytes (GB and GiB both read as GiB, as cards are sold)."""
     if vram is None:
