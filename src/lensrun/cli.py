@@ -56,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", default=None, help="where the weights are now, if moved")
     rep.add_argument("--device", default=None)
 
+    srv = sub.add_parser("serve", help="serve the model: OpenAI-compatible Images API, job queue, web page")
+    srv.add_argument("--model", default=DEFAULT_MODEL)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    srv.add_argument("--max-queue", type=int, default=16, help="jobs waiting at most; more get 429")
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--dtype", choices=list(DTYPES), default=None)
+    srv.add_argument("--vram", default=None, help="GPU memory budget for the planner")
+    srv.add_argument("--files", default=None, help="folder for generated images (default: a temp folder)")
+
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
     plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")
     plan.add_argument("--base-resolution", type=int, default=None)
@@ -96,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 paths = api.generate(
                     prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=notify, **kwargs
                 )
+        elif args.command == "serve":
+            from lensrun.server import serve
+
+            serve(**{k: v for k, v in vars(args).items() if k != "command"})
+            return 0
         elif args.command == "replay":
             paths = [api.replay(args.image, out=args.out, model=args.model, device=args.device, show_progress=True)]
         else:

@@ -1,0 +1,379 @@
+"""``lensrun serve``: the loaded model behind an OpenAI-compatible Images API, a job queue and a web page.
+
+One worker thread owns the GPU and takes jobs in order from a bounded queue; request handlers only validate,
+enqueue and wait (asynchronously). Images are saved with the same PNG metadata as the CLI's and served under
+random ids, so no client ever names a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import queue
+import re
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from lensrun import __version__, memory
+from lensrun.errors import LensrunError
+from lensrun.metadata import save_png
+from lensrun.prompting import MAX_SEQUENCE_LENGTH, tokenize_prompts
+from lensrun.request import GenerationRequest
+
+MAX_IMAGES = 8
+FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+# Which request field a validation message is about (the messages come from GenerationRequest.build).
+PARAM_OF_MESSAGE = [
+    ("aspect ratio", "aspect_ratio"), ("base resolution", "base_resolution"), ("height", "size"), ("width", "size"),
+    ("steps", "steps"), ("cfg", "cfg"), ("n (images", "n"), ("seed", "seed"), ("negative prompt", "negative_prompt"),
+    ("prompt", "prompt"),
+]  # fmt: skip
+
+
+class ImageRequest(BaseModel):
+    """OpenAI ``images.generate`` body plus lensrun's own fields; unknown OpenAI fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    negative_prompt: str | None = None
+    aspect_ratio: str | None = None
+    base_resolution: int | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size in (None, "auto"):
+        return None, None
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if not m:
+        raise ApiError(422, f"size '{size}' must look like WIDTHxHEIGHT, e.g. 1024x1024 (multiples of 16)", "size")
+    return int(m.group(2)), int(m.group(1))
+
+
+@dataclass
+class Job:
+    """One request's work and everything a client may ask about it."""
+
+    params: dict
+    response_format: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: str = "queued"
+    created: int = field(default_factory=lambda: int(time.time()))
+    step: int = 0
+    total: int = 0
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, **data) -> None:
+        self.events.append({"event": kind, **data})
+
+    def public(self) -> dict:
+        return {
+            "id": self.id, "status": self.status, "created": self.created, "step": self.step, "total": self.total,
+            "images": [f"/v1/files/{f}.png" for f in self.files], "error": self.error, "warnings": self.warnings,
+            "report": self.report,
+        }  # fmt: skip
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class Worker:
+    """The single GPU worker: a bounded FIFO of jobs, run one at a time."""
+
+    KEEP_JOBS = 512
+
+    def __init__(self, pipe, files: Path, max_queue: int = 16, vram: str | None = None) -> None:
+        self.pipe = pipe
+        self.files = files
+        self.vram = vram
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.jobs: dict[str, Job] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="lensrun-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self.stopping.is_set():
+            raise ApiError(503, "the server is shutting down")
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise ApiError(429, f"the queue is full ({self.queue.maxsize} jobs); retry later", headers={"Retry-After": "5"}) from None
+        self.jobs[job.id] = job
+        job.emit("queued", position=self.queue.qsize())
+        finished = [j for j in self.jobs.values() if j.done.is_set()]
+        for old in finished[: max(0, len(self.jobs) - self.KEEP_JOBS)]:  # bounded memory: oldest finished go
+            del self.jobs[old.id]
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        job.status = "running"
+        job.emit("running")
+        try:
+            self._generate(job)
+            job.status = "succeeded"
+            job.emit("done", images=[f"/v1/files/{f}.png" for f in job.files], warnings=job.warnings)
+        except JobCancelled:
+            job.status, job.error = "cancelled", "cancelled: the server is shutting down"
+            job.emit("error", message=job.error)
+        except Exception as err:  # noqa: BLE001 - a failed job is reported to its client, the server goes on
+            job.status, job.error = "failed", f"{type(err).__name__}: {err}"
+            job.emit("error", message=job.error)
+        finally:
+            job.done.set()
+
+    def _generate(self, job: Job) -> None:
+        p = job.params
+        if self.pipe.tokenizer is not None:
+            cut = tokenize_prompts(self.pipe.tokenizer, [p["prompt"]]).dropped[0]
+            if cut:
+                job.warnings.append(f"prompt too long: the last {cut} tokens were cut (limit {MAX_SEQUENCE_LENGTH})")
+
+        def on_step(step: int, total: int) -> None:
+            if job.cancel.is_set():
+                raise JobCancelled
+            job.step, job.total = step, total
+            job.emit("progress", step=step, total=total)
+
+        device = self.pipe.device
+        plans = [self.pipe.plan]
+        if device.type == "cuda":
+            budget = memory.parse_budget(self.vram) if self.vram else memory.available_budget(device)
+            plan, preds = memory.choose(budget, p["height"], p["width"], steps=p["steps"], cfg=p["cfg"] != 1.0)
+            plans = [plan, *memory.fallbacks(plan, preds)[:2]]
+        out = self.pipe.run_planned(
+            plans, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"], width=p["width"],
+            num_inference_steps=p["steps"], guidance_scale=p["cfg"], num_images_per_prompt=p["n"], seed=p["seed"],
+            on_step=on_step,
+        )  # fmt: skip
+        job.report = out.report
+        for image, config in zip(out.images, out.configs, strict=True):
+            file_id = uuid.uuid4().hex
+            save_png(image, self.files / f"{file_id}.png", {**config, "lensrun_version": __version__}, out.report)
+            job.files.append(file_id)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Fail queued jobs with a clear message, cancel the running one at its next step, stop the worker."""
+        self.stopping.set()
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            job.status, job.error = "failed", "the server shut down before this job started"
+            job.emit("error", message=job.error)
+            job.done.set()
+        for job in self.jobs.values():
+            if job.status == "running":
+                job.cancel.set()
+        self.thread.join(timeout)
+
+
+def validate(body: ImageRequest, variant: str) -> dict:
+    """The generation parameters of a request, or an ApiError naming the bad field and what is allowed."""
+    if not 1 <= body.n <= MAX_IMAGES:
+        raise ApiError(422, f"n must be between 1 and {MAX_IMAGES}, got {body.n}", "n")
+    height, width = parse_size(body.size)
+    try:
+        req = GenerationRequest.build(
+            body.prompt, body.negative_prompt, height, width, body.base_resolution, body.aspect_ratio, body.steps,
+            body.cfg, body.n, body.seed, "cpu", variant,
+        )  # fmt: skip
+    except LensrunError as err:
+        message = str(err)
+        param = next((p for key, p in PARAM_OF_MESSAGE if message.startswith(key) or f" {key}" in message[:40]), None)
+        raise ApiError(422, message, param) from None
+    return {
+        "prompt": req.prompts[0], "negative_prompt": req.negative_prompt, "height": req.height, "width": req.width,
+        "steps": req.steps, "cfg": req.cfg, "n": req.n, "seed": req.seed,
+    }  # fmt: skip
+
+
+def create_app(pipe, files: Path, api_key: str | None = None, max_queue: int = 16, max_body: int = 64 * 1024,
+               vram: str | None = None) -> FastAPI:  # fmt: skip
+    """The ASGI app around a loaded pipeline (``app.state.worker`` runs the jobs)."""
+    files.mkdir(parents=True, exist_ok=True)
+    worker = Worker(pipe, files, max_queue, vram)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="lensrun", version=__version__, lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        return _error(422, f"{param}: {first['msg']}", param)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "a Content-Length header is required")
+            if int(length) > max_body:
+                return _error(413, f"request body is {length} bytes; the limit is {max_body}")
+        if api_key and request.url.path.startswith("/v1/") and not request.url.path.startswith("/v1/files/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key (Authorization: Bearer …)")
+        return await call_next(request)
+
+    def _job(job_id: str) -> Job:
+        job = worker.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id}", "id")
+        return job
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "queued": worker.queue.qsize(), "model": pipe.model_name, "version": __version__}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": pipe.model_name, "object": "model", "created": 0, "owned_by": "lensrun"}]}
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageRequest, request: Request):
+        job = Job(validate(body, pipe.variant), body.response_format)
+        worker.submit(job)
+        while not job.done.is_set():
+            await asyncio.sleep(0.02)
+        if job.status != "succeeded":
+            return _error(500, job.error or "generation failed")
+        data = []
+        for file_id in job.files:
+            if job.response_format == "url":
+                data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/files/{file_id}.png"})
+            else:
+                data.append({"b64_json": base64.b64encode((files / f"{file_id}.png").read_bytes()).decode()})
+        return {"created": job.created, "data": data, "warnings": job.warnings, "lensrun": {"job": job.id, **job.report}}
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(body: ImageRequest) -> dict:
+        job = Job(validate(body, pipe.variant), body.response_format)
+        worker.submit(job)
+        return job.public()
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict:
+        return _job(job_id).public()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        job = _job(job_id)
+
+        async def stream():
+            sent = 0
+            while True:
+                while sent < len(job.events):
+                    event = job.events[sent]
+                    sent += 1
+                    yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                if job.done.is_set() and sent >= len(job.events):
+                    return
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/files/{name}")
+    def get_file(name: str):
+        file_id = name.removesuffix(".png")
+        path = files / f"{file_id}.png"
+        if not FILE_ID.match(file_id) or not path.is_file():
+            raise ApiError(404, "no such file", "name")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        from lensrun.webpage import PAGE
+
+        return PAGE.replace("{{MODEL}}", pipe.model_name).replace("{{AUTH}}", "true" if api_key else "false")
+
+    return app
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_warning(host: str, api_key: str | None) -> str | None:
+    if host in LOOPBACK or api_key:
+        return None
+    return f"warning: serving on {host} without --api-key: anyone who can reach this port can use the GPU"
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
+          device: str | None = None, dtype: str | None = None, vram: str | None = None, files: str | None = None,
+          notify=print) -> None:  # fmt: skip
+    """Load the model once and serve it until interrupted."""
+    import tempfile
+
+    import uvicorn
+
+    from lensrun.api import load_pipeline, plans_for, resolve_device
+    from lensrun.request import check_dtype
+
+    warning = host_warning(host, api_key)
+    if warning:
+        notify(warning)
+    torch_device = resolve_device(device)
+    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    pipe = load_pipeline(model, None, torch_dtype, torch_device)
+    plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram)
+    pipe.apply_plan(plans[0], torch_device)
+    folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
+    app = create_app(pipe, folder, api_key=api_key, max_queue=max_queue, vram=vram)
+    notify(f"lensrun serving {pipe.model_name} on http://{host}:{port} (images in {folder})")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
