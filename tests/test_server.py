@@ -4,7 +4,6 @@ and the web page driven by headless Chromium."""
 import base64
 import io
 import json
-import shutil
 import socket
 import threading
 import time
@@ -207,35 +206,22 @@ def test_host_warning():
     assert "without --api-key" in host_warning("0.0.0.0", None)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
-def test_browser_drives_the_page(server, tmp_path):
-    from selenium import webdriver
+def test_browser_drives_the_page(server, chrome, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):  # fmt: skip
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        driver.get(server.url + "/")
-        driver.find_element(By.ID, "prompt").send_keys("a <b>bold</b> fox")
-        driver.find_element(By.ID, "size").send_keys("64x48")
-        driver.find_element(By.ID, "steps").send_keys("3")
-        driver.find_element(By.ID, "seed").send_keys("9")
-        driver.find_element(By.ID, "go").click()
-        loaded = "const i = document.querySelector('#results img'); return !!i && i.complete && i.naturalWidth > 0;"
-        WebDriverWait(driver, 120).until(lambda d: d.execute_script(loaded))
-        caption = driver.find_element(By.CSS_SELECTOR, "#results figcaption").text
-        assert "seed 9" in caption and "a <b>bold</b> fox" in caption and "size 64x48" in caption
-        assert driver.find_element(By.ID, "status").text == "done"
-        assert driver.execute_script("return document.querySelector('#results img').naturalWidth") == 64
-        shot = tmp_path / "page.png"
-        driver.save_screenshot(str(shot))
-        assert _png(shot.read_bytes()).size[0] > 0
-    finally:
-        driver.quit()
+    chrome.get(server.url + "/")
+    chrome.find_element(By.ID, "prompt").send_keys("a <b>bold</b> fox")
+    chrome.find_element(By.ID, "size").send_keys("64x48")
+    chrome.find_element(By.ID, "steps").send_keys("3")
+    chrome.find_element(By.ID, "seed").send_keys("9")
+    chrome.find_element(By.ID, "go").click()
+    loaded = "const i = document.querySelector('#results img'); return !!i && i.complete && i.naturalWidth > 0;"
+    WebDriverWait(chrome, 120).until(lambda d: d.execute_script(loaded))
+    caption = chrome.find_element(By.CSS_SELECTOR, "#results figcaption").text
+    assert "seed 9" in caption and "a <b>bold</b> fox" in caption and "size 64x48" in caption
+    assert chrome.find_element(By.ID, "status").text == "done"
+    assert chrome.execute_script("return document.querySelector('#results img').naturalWidth") == 64
+    shot = tmp_path / "page.png"
+    chrome.save_screenshot(str(shot))
+    assert _png(shot.read_bytes()).size[0] > 0

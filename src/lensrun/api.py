@@ -70,6 +70,32 @@ def plans_for(
     return [plan, *memory.fallbacks(plan, preds)[:2]], budget
 
 
+def _memory_overrides(
+    placement: str | None, quantize: str | None, offload: bool, quant_transformer: str | None
+) -> tuple[str | None, str | None]:
+    """Fold the field report's spellings (``offload``, ``quant_transformer``) into placement / precision."""
+    if offload:
+        if placement not in (None, "offload"):
+            raise LensrunError(f"--offload conflicts with --placement {placement}")
+        placement = "offload"
+    if quant_transformer is not None and quantize is not None and normalize_precision(quant_transformer) != normalize_precision(quantize):
+        raise LensrunError("--quant_transformer and --quantize disagree; give one")
+    chosen = quantize or quant_transformer
+    return placement, normalize_precision(chosen) if chosen else None
+
+
+def _ready_pipeline(
+    model: str, variant: str, dtype: torch.dtype, device: torch.device, plans: list[memory.Plan], compile: bool | None
+) -> LensPipeline:
+    """Check the model folder, load (once per process), compile if asked (default: on CUDA)."""
+    if str(model) != TINY_MODEL:
+        loading.check_layout(loading.resolve_model(model))
+    pipe = load_pipeline(str(model), variant, dtype, device, plans[0].precision)
+    if compile if compile is not None else device.type == "cuda":
+        pipe.optimize(compile=True)
+    return pipe
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
@@ -121,26 +147,16 @@ def generate(
     torch_device = resolve_device(device)
     torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
     variant = variant or infer_variant(str(model))
-    if offload:
-        if placement not in (None, "offload"):
-            raise LensrunError(f"--offload conflicts with --placement {placement}")
-        placement = "offload"
-    if quant_transformer is not None and quantize is not None and normalize_precision(quant_transformer) != normalize_precision(quantize):
-        raise LensrunError("--quant_transformer and --quantize disagree; give one")
-    quantize = normalize_precision(quantize or quant_transformer) if (quantize or quant_transformer) else None
+    placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
     req = GenerationRequest.build(
         prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
         template_date, cache=cache,
     )  # fmt: skip
     plans, _ = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize)
-    if str(model) != TINY_MODEL:
-        loading.check_layout(loading.resolve_model(model))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LensrunError(f"output path {out} exists and is not a folder")
-    pipe = load_pipeline(str(model), variant, torch_dtype, torch_device, plans[0].precision)
-    if compile if compile is not None else torch_device.type == "cuda":
-        pipe.optimize(compile=True)
+    pipe = _ready_pipeline(model, variant, torch_dtype, torch_device, plans, compile)
     result = pipe.run_planned(
         plans, notify=notify, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
         base_resolution=base_resolution, aspect_ratio=aspect_ratio, num_inference_steps=steps, guidance_scale=cfg,
@@ -164,10 +180,17 @@ def replay(
     out: str | Path | None = None,
     model: str | None = None,
     device: str | None = None,
+    entry: str | None = None,
     show_progress: bool = False,
 ) -> Path:
-    """Regenerate an image from the config stored in it (``model`` overrides where the weights live)."""
-    config = read_config(image)
+    """Regenerate an image from the config stored in it, or in a gallery manifest row (``entry`` picks the row);
+    ``model`` overrides where the weights live."""
+    if str(image).endswith(".jsonl"):
+        from lensrun.gallery import manifest_config
+
+        config = manifest_config(image, entry)
+    else:
+        config = read_config(image)
     if config.get("seed") is None:
         raise LensrunError(f"{image} was made from an explicit generator or latents; its noise cannot be replayed")
     explicit_size = config.get("base_resolution") is None
@@ -223,3 +246,53 @@ def plan_report(
     if not any(p.chosen for p in preds):
         head += "\nno plan fits this budget (see the leanest below)"
     return head + "\n" + memory.format_table(preds, budget)
+
+
+def gallery(
+    file: str | Path,
+    *,
+    out: str | Path,
+    model: str = DEFAULT_MODEL,
+    variant: str | None = None,
+    negative_prompt: str | None = None,
+    base_resolution: int | None = None,
+    aspect_ratio: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    seed: int | None = None,
+    n: int = 1,
+    dtype: str | None = None,
+    device: str | None = None,
+    noise: str = "cpu",
+    template_date: str = DEFAULT_TEMPLATE_DATE,
+    vram: str | float | None = None,
+    placement: str | None = None,
+    quantize: str | None = None,
+    offload: bool = False,
+    quant_transformer: str | None = None,
+    compile: bool | None = None,
+    cache: float | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Render a gallery file into ``out`` (see ``lensrun.gallery``); the keywords are defaults for its entries,
+    below the file's own ``[defaults]``. Returns the summary: done / skipped / failed and the index path."""
+    from lensrun import gallery as g
+
+    torch_device = resolve_device(device)
+    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    given = dict(variant=variant, negative_prompt=negative_prompt, base_resolution=base_resolution,
+                 aspect_ratio=aspect_ratio, height=height, width=width, steps=steps, cfg=cfg, seed=seed, n=n)  # fmt: skip
+    entries = g.load_gallery(file, {k: v for k, v in given.items() if v is not None})
+    common = dict(noise=noise, template_date=template_date, cache=cache)
+    GenerationRequest.build("x", noise=noise, template_date=template_date, cache=cache)
+    placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
+    sizes = [GenerationRequest.build("x", None, e.settings.get("height"), e.settings.get("width"),
+                                     e.settings.get("base_resolution"), e.settings.get("aspect_ratio")) for e in entries]  # fmt: skip
+    largest = max(sizes, key=lambda r: r.height * r.width)
+    plans, _ = plans_for(torch_device, largest.height, largest.width, 50, 5.0, vram, placement, quantize)
+    pipe = _ready_pipeline(model, variant or infer_variant(str(model)), torch_dtype, torch_device, plans, compile)
+    pipe.apply_plan(plans[0], torch_device)
+    summary = g.run_gallery(pipe, entries, out, show_progress=show_progress, common=common)
+    return {**summary, "index": str(Path(out) / "index.html")}

@@ -19,39 +19,50 @@ TINY_NOTICE = (
 )
 
 
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `gallery` (for a gallery they are defaults under the file's own)."""
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"folder or Hub repo id, or '{TINY_MODEL}'")
+    p.add_argument("--variant", choices=list(VARIANTS), default=None, help="default: inferred from --model")
+    p.add_argument("--base-resolution", type=int, default=None, help=f"one of {list(BASE_RESOLUTIONS)}")
+    p.add_argument("--aspect-ratio", default=None, help=f"one of {', '.join(ASPECT_RATIOS)}")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (with --width)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (with --height)")
+    p.add_argument("--steps", type=int, default=None, help="default: the variant's preset")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale; default: the variant's preset")
+    p.add_argument("--seed", type=int, default=None, help="-1 or absent: random (the drawn seed is recorded)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--noise", choices=list(NOISE_SOURCES), default="cpu", help="where the seed's noise is drawn")
+    p.add_argument("--template-date", default=DEFAULT_TEMPLATE_DATE, help="date written into the chat template")
+    p.add_argument("--vram", default=None, help="GPU memory budget, e.g. 24GB (default: what is free now)")
+    p.add_argument("--placement", choices=list(PLACEMENTS), default=None, help="override the planner's placement")
+    precisions = [*PRECISIONS, *PRECISION_ALIASES]
+    p.add_argument("--quantize", choices=precisions, default=None, help="override the DiT precision")
+    p.add_argument("--offload", action="store_true", help="same as --placement offload")
+    p.add_argument("--quant_transformer", choices=precisions, default=None, help="same as --quantize")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    p.add_argument("--cache", type=float, default=None, help="step-cache threshold (opt-in, e.g. 0.05; not Turbo)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lensrun", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images from prompts")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"folder or Hub repo id, or '{TINY_MODEL}'")
-    gen.add_argument("--variant", choices=list(VARIANTS), default=None, help="default: inferred from --model")
-    gen.add_argument("--base-resolution", type=int, default=None, help=f"one of {list(BASE_RESOLUTIONS)}")
-    gen.add_argument("--aspect-ratio", default=None, help=f"one of {', '.join(ASPECT_RATIOS)}")
-    gen.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (with --width)")
-    gen.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (with --height)")
-    gen.add_argument("--steps", type=int, default=None, help="default: the variant's preset")
-    gen.add_argument("--cfg", type=float, default=None, help="guidance scale; default: the variant's preset")
-    gen.add_argument("--seed", type=int, default=None, help="-1 or absent: random (the drawn seed is recorded)")
-    gen.add_argument("--n", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", default="outputs", help="output folder")
-    gen.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
-    gen.add_argument("--noise", choices=list(NOISE_SOURCES), default="cpu", help="where the seed's noise is drawn")
-    gen.add_argument("--template-date", default=DEFAULT_TEMPLATE_DATE, help="date written into the chat template")
-    gen.add_argument("--vram", default=None, help="GPU memory budget, e.g. 24GB (default: what is free now)")
-    gen.add_argument("--placement", choices=list(PLACEMENTS), default=None, help="override the planner's placement")
-    precisions = [*PRECISIONS, *PRECISION_ALIASES]
-    gen.add_argument("--quantize", choices=precisions, default=None, help="override the DiT precision")
-    gen.add_argument("--offload", action="store_true", help="same as --placement offload")
-    gen.add_argument("--quant_transformer", choices=precisions, default=None, help="same as --quantize")
-    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    gen.add_argument("--cache", type=float, default=None, help="step-cache threshold (opt-in, e.g. 0.05; not Turbo)")
+    _generation_options(gen)
 
-    rep = sub.add_parser("replay", help="regenerate an image from the config stored in its PNG")
-    rep.add_argument("image")
+    gal = sub.add_parser("gallery", help="render a prompt file (TOML, JSON or text) to a resumable captioned gallery")
+    gal.add_argument("file", help="TOML/JSON ([defaults] + [[image]] entries) or text (one prompt per line)")
+    gal.add_argument("--out", required=True, help="gallery folder (images, manifest.jsonl, index.html)")
+    _generation_options(gal)
+
+    rep = sub.add_parser("replay", help="regenerate an image from its PNG, or from a gallery's manifest.jsonl row")
+    rep.add_argument("image", help="a lensrun PNG or a gallery's manifest.jsonl")
+    rep.add_argument("--entry", default=None, help="with a manifest: the entry (name or file) to replay")
     rep.add_argument("--out", default=None, help="output folder (default: replay/ beside the image)")
     rep.add_argument("--model", default=None, help="where the weights are now, if moved")
     rep.add_argument("--device", default=None)
@@ -113,7 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             serve(**{k: v for k, v in vars(args).items() if k != "command"})
             return 0
         elif args.command == "replay":
-            paths = [api.replay(args.image, out=args.out, model=args.model, device=args.device, show_progress=True)]
+            paths = [
+                api.replay(args.image, out=args.out, model=args.model, device=args.device, entry=args.entry, show_progress=True)
+            ]
+        elif args.command == "gallery":
+            kwargs = {k: v for k, v in vars(args).items() if k != "command"}
+            if kwargs["model"] == TINY_MODEL:
+                print(TINY_NOTICE, file=sys.stderr)
+            summary = api.gallery(kwargs.pop("file"), show_progress=True, **kwargs)
+            print(f"done {summary['done']}, skipped {summary['skipped']}, failed {summary['failed']} — {summary['index']}")
+            return 1 if summary["failed"] else 0
         else:
             print(api.plan_report(**{k: v for k, v in vars(args).items() if k != "command"}))
             return 0

@@ -1,0 +1,198 @@
+"""`lensrun gallery`: file formats, validation, phase batching, resume, failures, atomic writes, the page."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lensrun import LensrunError, api
+from lensrun import gallery as g
+from lensrun.cli import main
+
+TOML = """
+[defaults]
+height = 32
+width = 48
+steps = 2
+
+[[image]]
+name = "fox"
+prompt = "a red fox <script>alert(1)</script>"
+n = 2
+
+[[image]]
+name = "lake"
+prompt = "a mountain lake"
+cfg = 1.0
+seed = 7
+"""
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _run(path, out, **kw):
+    return api.gallery(path, out=out, model="tiny-random", device="cpu", **kw)
+
+
+def test_three_formats(tmp_path):
+    toml = g.load_gallery(_write(tmp_path, "g.toml", TOML))
+    as_dict = {"defaults": {"height": 32, "width": 48, "steps": 2},
+               "image": [{"name": "fox", "prompt": "a red fox <script>alert(1)</script>", "n": 2},
+                         {"name": "lake", "prompt": "a mountain lake", "cfg": 1.0, "seed": 7}]}  # fmt: skip
+    js = g.load_gallery(_write(tmp_path, "g.json", json.dumps(as_dict)))
+    as_list = [{**e, **as_dict["defaults"]} for e in as_dict["image"]]
+    js_list = g.load_gallery(_write(tmp_path, "l.json", json.dumps(as_list)))
+    assert [e.settings for e in toml] == [e.settings for e in js] == [e.settings for e in js_list]
+    text = g.load_gallery(_write(tmp_path, "p.txt", "# comment\na fox\n\na lake\n"), {"steps": 3})
+    assert [(e.name, e.settings["prompt"], e.settings["steps"]) for e in text] == [("line-2", "a fox", 3), ("line-4", "a lake", 3)]
+    # An entry without a seed gets a fixed one derived from its name and prompt.
+    assert toml[0].settings["seed"] == g.seed_for("fox", "a red fox <script>alert(1)</script>")
+
+
+def test_validation_names_every_bad_entry_before_running(tmp_path):
+    bad = """
+[[image]]
+name = "one"
+prompt = "x"
+aspect_ratio = "5:4"
+
+[[image]]
+prompt = "y"
+colour = "red"
+
+[[image]]
+name = "three"
+steps = 0
+prompt = "z"
+
+[[image]]
+name = "one"
+prompt = "again"
+"""
+    out = tmp_path / "out"
+    with pytest.raises(LensrunError) as err:
+        _run(_write(tmp_path, "bad.toml", bad), out)
+    message = str(err.value)
+    assert "entry 1 ('one'): unknown aspect ratio '5:4'" in message
+    assert "entry 2: unknown key(s) ['colour']" in message
+    assert "entry 3 ('three'): steps must be an integer ≥ 1" in message
+    assert "entry 4 ('one'): duplicate name" in message
+    assert not out.exists()
+
+
+def test_text_file_line_numbers_in_errors(tmp_path):
+    with pytest.raises(LensrunError, match=r"line 2 \('line-2'\): steps must be"):
+        g.load_gallery(_write(tmp_path, "p.txt", "\nprompt\n"), {"steps": -3})
+
+
+def test_run_resume_and_replay(tmp_path):
+    path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
+    summary = _run(path, out)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 0)
+    rows = g.read_manifest(out)
+    assert [r["name"] for r in rows] == ["fox", "fox", "lake"] and all(r["status"] == "done" for r in rows)
+    assert [r["config"]["seed"] for r in rows[:2]] == [rows[0]["config"]["seed"], rows[0]["config"]["seed"] + 1]
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
+    again = _run(path, out)
+    assert (again["done"], again["skipped"]) == (0, 3)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")} == stamps
+    # A manifest row replays to the same pixels; so does the PNG.
+    lake = out / next(r["file"] for r in rows if r["name"] == "lake")
+    from_row = api.replay(out / "manifest.jsonl", entry="lake", out=tmp_path / "r1", device="cpu")
+    from_png = api.replay(lake, out=tmp_path / "r2", device="cpu")
+    original = np.asarray(Image.open(lake))
+    assert np.array_equal(np.asarray(Image.open(from_row)), original)
+    assert np.array_equal(np.asarray(Image.open(from_png)), original)
+    # And the gallery image equals what `generate` makes from the same settings.
+    gen = api.generate("a mountain lake", model="tiny-random", device="cpu", height=32, width=48, steps=2, cfg=1.0,
+                       seed=7, out=tmp_path / "gen")  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(gen[0])), original)
+
+
+def test_failing_entry_does_not_stop_the_others(tmp_path, monkeypatch):
+    path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
+    pipe = api.load_pipeline("tiny-random", "lens", __import__("torch").float32, __import__("torch").device("cpu"))
+    original = pipe.denoise
+
+    def broken(x, cond, uncond, req, *a, **k):
+        if req.prompts[0] == "a mountain lake":
+            raise RuntimeError("boom")
+        return original(x, cond, uncond, req, *a, **k)
+
+    monkeypatch.setattr(pipe, "denoise", broken)
+    summary = _run(path, out)
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    failed = [r for r in g.read_manifest(out) if r["status"] == "failed"]
+    assert failed[0]["name"] == "lake" and failed[0]["error"] == "RuntimeError: boom"
+    monkeypatch.setattr(pipe, "denoise", original)
+    retry = _run(path, out)
+    assert (retry["done"], retry["skipped"], retry["failed"]) == (1, 2, 0)
+
+
+def test_interrupt_leaves_no_partial_files(tmp_path, monkeypatch):
+    path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
+    real = g.save_png
+    calls = []
+
+    def interrupted(image, target, config, report=None):
+        if calls:
+            def torn(f):
+                f.write(b"\x89PNG partial")
+                raise KeyboardInterrupt
+
+            g.write_atomic(target, torn)
+        calls.append(target)
+        real(image, target, config, report)
+
+    monkeypatch.setattr(g, "save_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(path, out)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    assert len(list(out.glob("*.png"))) == 1 and len(g.read_manifest(out)) == 1
+    monkeypatch.setattr(g, "save_png", real)
+    summary = _run(path, out)
+    assert (summary["done"], summary["skipped"]) == (2, 1)
+
+
+def test_index_escapes_and_cli_summary(tmp_path, capsys):
+    path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
+    code = main(["gallery", str(path), "--out", str(out), "--model", "tiny-random", "--device", "cpu"])
+    assert code == 0
+    assert "done 3, skipped 0, failed 0" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("<figure") == 3 and "steps 2, cfg 5, seed" in page and "plan resident+bf16" in page
+    assert "http://" not in page and "https://" not in page
+
+
+def test_example_gallery_is_valid():
+    entries = g.load_gallery(Path(__file__).parents[1] / "examples" / "gallery.toml")
+    assert len(entries) == 12
+    by_name = {e.name: e.settings for e in entries}
+    assert by_name["fox-watercolor"]["steps"] == 22 and by_name["photoreal-landscape-rerun"]["cfg"] == 4.5
+    assert sum(s["base_resolution"] == 1440 for s in by_name.values()) == 3
+    assert all(isinstance(s["seed"], int) for s in by_name.values())
+
+
+def test_index_in_a_browser(tmp_path, chrome):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out = tmp_path / "out"
+    _run(_write(tmp_path, "g.toml", TOML), out)
+    chrome.get((out / "index.html").as_uri())
+    chrome.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
+    loaded = "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    WebDriverWait(chrome, 30).until(lambda d: d.execute_script(loaded))
+    assert chrome.execute_script("return document.images.length") == 3
+    captions = chrome.execute_script("return [...document.querySelectorAll('figcaption')].map(c => c.innerText)")
+    assert len(captions) == 3 and all("seed" in c and "steps 2" in c for c in captions)
+    assert any("<script>alert(1)</script>" in c for c in captions)  # shown as text, not run
+    shot = tmp_path / "gallery.png"
+    chrome.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] > 0
