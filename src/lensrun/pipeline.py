@@ -211,10 +211,10 @@ class LensPipeline:
         if self.placer is not None:
             self.placer.release()
             self.placer = None
-        if plan.precision != self.precision:
-            self.optimize(compile=self.compiled, precision=plan.precision)
         self.placer = Placer(self, plan)
         self.placer.apply()
+        if plan.precision != self.precision:  # after placement: torchao quantizes the weights where they are
+            self.optimize(compile=self.compiled, precision=plan.precision)
         return self
 
     def run_planned(self, plans: list[Plan], notify: Callable[[str], None] | None = None, **call) -> LensPipelineOutput:
