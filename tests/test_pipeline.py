@@ -18,6 +18,7 @@ class CountingTransformer(torch.nn.Module):
         self.inner = inner
         self.config = inner.config
         self.img_in = inner.img_in
+        self.streamer = None
         self.text_lengths = []
 
     def conditioning(self, timestep):

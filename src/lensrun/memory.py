@@ -31,7 +31,7 @@ ENCODER_FIXED = 0.05 * GIB  # attention scores, hidden states, captured features
 VAE_BYTES_PER_PIXEL = 4.776 * GIB / 2106368
 VAE_TILED_CAP = 2.386 * GIB
 SAFETY = 1.08  # allocator fragmentation and what the model above does not see
-PLACEMENTS = ("resident", "phased", "offload")
+PLACEMENTS = ("resident", "phased", "offload", "stream")
 # Relative DiT speed per precision, measured with the compiled path on the H100 (bf16 1.0; fp8 dynamic 1.39×
 # slower at 1024²); weight-only modes are dequantized per matmul and slower still (LENS_SPEC §12).
 PRECISION_SLOWDOWN = {"bf16": 1.0, "fp8": 1.39, "fp8-weight": 1.36, "int8-weight": 1.5, "int4-weight": 1.8}
@@ -52,6 +52,8 @@ class ComponentSizes:
     vae: int
     dit_blocks: int
     dit_width: int
+    dit_outside_blocks: int  # bf16 bytes of everything but the blocks (embedders, norm_out, proj_out)
+    encoder_layers: int
 
     @classmethod
     def from_configs(cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2) -> ComponentSizes:
@@ -59,6 +61,7 @@ class ComponentSizes:
             model = LensTransformer2DModel(**transformer)
         quantizable_bytes = sum(m.weight.numel() for n, m in model.named_modules() if quantizable(m, n))
         other = (sum(p.numel() for p in model.parameters()) - quantizable_bytes) * dtype_bytes
+        outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("transformer_blocks.")) * dtype_bytes
         dit = {
             "bf16": other + quantizable_bytes * dtype_bytes,
             "fp8": other + quantizable_bytes,
@@ -82,7 +85,8 @@ class ComponentSizes:
         return cls(
             dit=dit, encoder_body=body, encoder_embedding=emb, encoder_layer_experts=experts,
             encoder_experts=text_encoder["num_local_experts"], vae=vae_bytes,
-            dit_blocks=transformer["num_layers"], dit_width=transformer["inner_dim"],
+            dit_blocks=transformer["num_layers"], dit_width=transformer["inner_dim"], dit_outside_blocks=outside,
+            encoder_layers=text_encoder["num_hidden_layers"],
         )  # fmt: skip
 
     @classmethod
@@ -100,6 +104,7 @@ class Plan:
     encoder_chunk: int = 32
     vae_tiling: bool = False
     embedding_on_cpu: bool = False
+    stream_window: int = 2  # blocks / layers on the GPU at once under "stream"
 
     @property
     def name(self) -> str:
@@ -153,12 +158,24 @@ def predict(
     if plan.placement == "resident":
         weights = encoder + dit + sizes.vae
         phases = {"encode": weights + enc_extra, "denoise": weights + dit_extra, "decode": weights + vae_extra}
+    elif plan.placement == "stream":  # a window of blocks / layers on the GPU; small parts resident
+        layer = sizes.encoder_body / sizes.encoder_layers
+        block = (dit - sizes.dit_outside_blocks) / sizes.dit_blocks
+        resident = emb + sizes.dit_outside_blocks + sizes.vae
+        phases = {
+            "encode": resident + plan.stream_window * layer + enc_extra,
+            "denoise": resident + plan.stream_window * block + dit_extra,
+            "decode": resident + vae_extra,
+        }
     else:  # phased / offload: one component on the GPU at a time
         phases = {"encode": encoder + enc_extra, "denoise": dit + dit_extra, "decode": sizes.vae + vae_extra}
     forwards = steps * (2 if cfg else 1)
     compute = forwards * _dit_flops(tokens, text_tokens, sizes.dit_blocks, sizes.dit_width) / DIT_TFLOPS
     seconds = compute * PRECISION_SLOWDOWN[plan.precision]
-    if plan.placement != "resident":
+    if plan.placement == "stream":  # each step copies all blocks once (CFG branches share them); copies overlap
+        per_step = max(seconds / steps, (dit - sizes.dit_outside_blocks) / HOST_TO_DEVICE)
+        seconds = steps * per_step + sizes.encoder_body / HOST_TO_DEVICE
+    elif plan.placement != "resident":
         moved = encoder + dit + sizes.vae
         seconds += moved / HOST_TO_DEVICE * (1.0 if plan.placement == "phased" else 2.0)
     if plan.encoder_chunk < 32:

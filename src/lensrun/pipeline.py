@@ -350,14 +350,19 @@ class LensPipeline:
             for i in range(req.steps):
                 t = timesteps[i : i + 1]
                 step_cond = conditioning.select(i)
-                v = self.transformer(
-                    latents, cond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[0]
-                ).sample
-                if uncond is not None:
-                    v_u = self.transformer(
-                        latents, uncond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[1]
-                    ).sample
+                if uncond is not None and self.transformer.streamer is not None and not req.cache:
+                    # Streamed weights: both branches per block, so each block is copied once per step.
+                    v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond)
                     v = guided_velocity(v.float(), v_u.float(), req.cfg)
+                else:
+                    v = self.transformer(
+                        latents, cond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[0]
+                    ).sample
+                    if uncond is not None:
+                        v_u = self.transformer(
+                            latents, uncond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[1]
+                        ).sample
+                        v = guided_velocity(v.float(), v_u.float(), req.cfg)
                 latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                 if on_step is not None:
                     on_step(i + 1, req.steps)

@@ -5,6 +5,8 @@
   (encode → denoise → decode), copied asynchronously with respect to the host.
 * offload: the same phases with plain (pageable) CPU memory and blocking copies, as model-level CPU offload does;
   kept for comparison and as the last fallback.
+* stream: the DiT's blocks and the encoder's layers stay in pinned CPU memory; only a window of them is on the
+  GPU at a time, the next ones copied on a side CUDA stream while the current one computes (6–8 GB cards).
 
 Swapping replaces each tensor's storage (``tensor.data``) rather than moving modules, so nothing else (the
 pipeline's notion of its device, compiled graphs, hooks) notices; leaving a phase just drops the GPU copies.
@@ -54,6 +56,54 @@ class HostedWeights:
         self.tensors, self.host = [], []
 
 
+class Streamer:
+    """Runs a sequence of modules whose weights live in pinned CPU memory, keeping ``window`` of them on the
+    GPU: ``before(i)`` waits for module i (fetching it if needed) and starts copying the next ones on a side
+    stream; ``after(i)`` drops module i's GPU copy (its memory is reused only once the compute stream is past)."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device, window: int = 2) -> None:
+        self.device = device
+        self.window = max(1, window)
+        self.hosted = [HostedWeights(m, device, pinned=True) for m in modules]
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready: dict[int, torch.cuda.Event] = {}
+        self.peak_window = 0
+
+    def _fetch(self, i: int) -> None:
+        hosted = self.hosted[i % len(self.hosted)]
+        if hosted.on_device:
+            return
+        if self.copy_stream is None:
+            hosted.load()
+            return
+        with torch.cuda.stream(self.copy_stream):
+            hosted.load()
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.ready[i % len(self.hosted)] = event
+
+    def before(self, i: int) -> None:
+        self._fetch(i)
+        event = self.ready.pop(i, None)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for t in self.hosted[i].tensors:
+                t.data.record_stream(compute)
+        for j in range(i + 1, i + self.window):
+            self._fetch(j)
+        self.peak_window = max(self.peak_window, sum(h.on_device for h in self.hosted))
+
+    def after(self, i: int) -> None:
+        self.hosted[i].unload()
+
+    def release(self) -> None:
+        if self.copy_stream is not None:
+            torch.cuda.synchronize(self.device)
+        for hosted in self.hosted:
+            hosted.release()
+
+
 class Placer:
     """Applies a plan to a pipeline's components and brings the right one onto the GPU for each phase."""
 
@@ -75,6 +125,9 @@ class Placer:
             pipe.vae.enable_tiling()
         else:
             pipe.vae.disable_tiling()
+        if plan.placement == "stream":
+            self._stream()
+            return
         if plan.placement == "resident" or self.device.type != "cuda":
             for module in (pipe.transformer, pipe.vae, encoder.layers if encoder is not None else None):
                 if module is not None:
@@ -91,11 +144,31 @@ class Placer:
             self.hosted[name] = HostedWeights(module, self.device, pinned=plan.placement == "phased")
         torch.cuda.empty_cache()
 
+    def _stream(self) -> None:
+        """Everything but the DiT blocks and the encoder layers resident; those two streamed."""
+        pipe = self.pipe
+        blocks = pipe.transformer.transformer_blocks
+        for name, module in pipe.transformer.named_children():
+            if name != "transformer_blocks":
+                module.to(self.device)
+        pipe.transformer.streamer = Streamer(list(blocks), self.device, self.plan.stream_window)
+        pipe.vae.to(self.device)
+        encoder = pipe.text_encoder
+        if encoder is not None:
+            encoder.rotary_emb.to(self.device)
+            encoder.streamer = Streamer(list(encoder.layers), self.device, self.plan.stream_window)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def release(self) -> None:
-        """Undo the plan's hosting; the next plan's ``apply`` places the weights."""
+        """Undo the plan's hosting and streaming; the next plan's ``apply`` places the weights."""
         for hosted in self.hosted.values():
             hosted.release()
         self.hosted.clear()
+        for model in (self.pipe.transformer, self.pipe.text_encoder):
+            if model is not None and model.streamer is not None:
+                model.streamer.release()
+                model.streamer = None
 
     @contextlib.contextmanager
     def phase(self, name: str):

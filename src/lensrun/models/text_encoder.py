@@ -134,6 +134,7 @@ class LensTextEncoder(nn.Module):
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.rotary_emb = GptOssRotaryEmbedding(config)
+        self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
 
     @property
     def device(self) -> torch.device:
@@ -163,14 +164,18 @@ class LensTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states [B, S, H] after each selected decoder layer (both residual adds, no final norm)."""
         hidden = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.dtype)
-        hidden = hidden.to(self.layers[0].input_layernorm.weight.device)
+        hidden = hidden.to(self.rotary_emb.inv_freq.device)
         attention_mask = attention_mask.to(hidden.device)
         masks = self._masks(attention_mask)
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device)[None].expand(input_ids.shape[0], -1)
         pos_emb = self.rotary_emb(hidden, position_ids)
         captured = {}
         for i, layer in enumerate(self.layers):
+            if self.streamer is not None:
+                self.streamer.before(i)
             hidden = layer(hidden, attention_mask=masks[self.config.layer_types[i]], position_embeddings=pos_emb)
+            if self.streamer is not None:
+                self.streamer.after(i)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             if i in self.selected_layers:

@@ -258,6 +258,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
 
     def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
         """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
@@ -277,6 +278,43 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         """Regional compilation: one compiled graph serves all blocks (they share code and shapes)."""
         for block in self.transformer_blocks:
             block.compile(**options)
+
+    def _block(self, i: int, x, c, cond: StepConditioning, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i, with the weight streamer (if a memory plan set one) told before and after."""
+        if self.streamer is not None:
+            self.streamer.before(i)
+        out = self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, mask)
+        if self.streamer is not None:
+            self.streamer.after(i)
+        return out
+
+    def forward_branches(
+        self,
+        hidden_states: torch.Tensor,
+        branches: list[list[torch.Tensor]],
+        timestep: torch.Tensor,
+        img_shapes: list[tuple[int, int, int]],
+        step_conditioning: StepConditioning | None = None,
+    ) -> list[torch.Tensor]:
+        """Mask-free velocities for several text conditions of the same latents, block by block: each block's
+        weights are used for every branch before the next block's, so a streamed block crosses the bus once
+        per step instead of once per branch. Same arithmetic as one ``forward`` per branch."""
+        _, gh, gw = (int(v) for v in img_shapes[0])
+        cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
+        dtype = self.img_in.weight.dtype
+        x0 = self.img_in(hidden_states.to(dtype))
+        states = [(x0, self.embed_text(features)) for features in branches]
+        ropes = [self.rope((gh, gw), c.shape[1], x0.device) for _, c in states]
+        for i in range(len(self.transformer_blocks)):
+            if self.streamer is not None:
+                self.streamer.before(i)
+            states = [
+                self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, None)
+                for (x, c), (cos, sin) in zip(states, ropes, strict=True)
+            ]
+            if self.streamer is not None:
+                self.streamer.after(i)
+        return [self.proj_out(self.norm_out(x, cond.temb)) for x, _ in states]
 
     def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer RMSNorm (fp32 variance), concat in layer order, project to the model width."""
@@ -317,14 +355,13 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                 dim=1,
             )
             mask = keys[:, None, None, :]
-        blocks = self.transformer_blocks
-        x, c = blocks[0](x, c, cond.mods[0], cos, sin, mask)
+        x, c = self._block(0, x, c, cond, cos, sin, mask)
         if block_cache is not None and block_cache.can_skip(x):
             x = block_cache.skip(x)
         else:
             first = x
-            for block, mod in zip(blocks[1:], cond.mods[1:], strict=True):
-                x, c = block(x, c, mod, cos, sin, mask)
+            for i in range(1, len(self.transformer_blocks)):
+                x, c = self._block(i, x, c, cond, cos, sin, mask)
             if block_cache is not None:
                 block_cache.store(first, x)
         out = self.proj_out(self.norm_out(x, cond.temb))
