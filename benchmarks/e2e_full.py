@@ -79,7 +79,7 @@ def main() -> None:
 
     for label, kwargs in CASES:
         runs = []
-        for r in range(args.repeats + 1):  # first run warms up
+        for _ in range(args.repeats + 1):  # first run warms up
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

@@ -232,7 +232,7 @@ class LensPipeline:
                 self.apply_plan(plan)
                 before = allocated()
                 out = self(**call)
-                out.report["fallbacks"] = [f"{p.name}: {e}" for p, e in zip(plans, errors)]
+                out.report["fallbacks"] = [f"{p.name}: {e}" for p, e in zip(plans[: len(errors)], errors, strict=True)]
                 out.report["recoveries"] = recoveries
                 return out
             except torch.OutOfMemoryError as err:

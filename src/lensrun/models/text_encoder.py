@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer, GptOssRotaryEmbedding
@@ -215,7 +214,7 @@ class LensTextEncoder(nn.Module):
         expected = {"model." + k: v for k, v in model.state_dict().items()}
         tensors = load_safetensors_folder(folder, expected, device=device)
         state = {}
-        for key, ref in expected.items():
+        for key in expected:
             t = tensors[key]
             keep_fp32 = key.endswith("layernorm.weight")
             state[key[len("model.") :]] = t if t.dtype == torch.uint8 else t.to(torch.float32 if keep_fp32 else dtype)
