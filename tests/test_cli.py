@@ -30,7 +30,7 @@ def test_generate_writes_png_with_config_and_replays_exactly(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = _run(["generate", "--prompt", "a red fox", "--seed", "5", "--out", str(out), *TINY], capsys)
     assert code == 0, err
-    assert "images are noise" in err
+    assert "images are noise" in err and "plan resident+bf16: CPU run" in err
     files = sorted(out.glob("*.png"))
     assert [str(f) for f in files] == _paths(stdout)
     assert "plan=resident+bf16" in stdout and "denoise=" in stdout

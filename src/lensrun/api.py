@@ -53,21 +53,31 @@ def plans_for(
     vram: str | float | None = None,
     placement: str | None = None,
     quantize: str | None = None,
-) -> tuple[list[memory.Plan], float | None]:
-    """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget)."""
+) -> tuple[list[memory.Plan], str]:
+    """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget), and a
+    sentence saying what was chosen and why."""
     memory.check_placement(placement)
     if quantize is not None:
         check_precision(quantize, device)
     if device.type != "cuda":
         if vram is not None or placement not in (None, "resident"):
             raise LensrunError("--vram and --placement apply to CUDA GPUs; this run is on the CPU")
-        return [memory.Plan(precision=quantize or "bf16")], None
+        plan = memory.Plan(precision=quantize or "bf16")
+        return [plan], f"plan {plan.name}: CPU run, no GPU memory to plan"
     budget = memory.parse_budget(vram) or memory.available_budget(device)
     precisions = (quantize,) if quantize else memory.PRECISIONS
     plan, preds = memory.choose(
         budget, height, width, steps=steps, cfg=cfg != 1.0, precisions=precisions, allowed={"placement": placement}
     )
-    return [plan, *memory.fallbacks(plan, preds)[:2]], budget
+    fallbacks = memory.fallbacks(plan, preds)[:2]
+    chosen = next(p for p in preds if p.chosen)
+    source = "--vram" if vram is not None else "free GPU memory"
+    why = (
+        f"plan {plan.name}: predicted peak {chosen.peak_bytes / memory.GIB:.1f} GiB of a {budget / memory.GIB:.1f} "
+        f"GiB budget ({source}); the fastest of {sum(p.fits for p in preds)} plans that fit"
+        + (f"; on out-of-memory: {', '.join(p.name for p in fallbacks)}" if fallbacks else "")
+    )
+    return [plan, *fallbacks], why
 
 
 def _memory_overrides(
@@ -152,7 +162,9 @@ def generate(
         prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
         template_date, cache=cache,
     )  # fmt: skip
-    plans, _ = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize)
+    plans, why = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize)
+    if notify is not None:
+        notify(why)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LensrunError(f"output path {out} exists and is not a folder")
