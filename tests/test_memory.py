@@ -206,3 +206,13 @@ def test_eight_gib_chooses_streaming_with_prediction_under_budget():
     assert plan.placement == "stream" and plan.precision == "bf16"
     chosen = next(p for p in preds if p.chosen)
     assert chosen.peak_bytes * memory.SAFETY <= 8 * GIB
+
+
+def test_plan_choice_is_explained():
+    from lensrun.api import plans_for
+
+    plans, why = plans_for(torch.device("cuda"), 1088, 1936, 20, 5.0, vram="24GB")
+    assert plans[0].name == "resident+bf16+enc-chunk8+vae-tiled" and len(plans) == 3
+    assert why.startswith("plan resident+bf16+enc-chunk8+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
+    assert "on out-of-memory: " + plans[1].name in why
+    assert plans_for(torch.device("cuda"), 1024, 1024, 20, 5.0, vram="80")[0][0] == Plan()
