@@ -197,7 +197,7 @@ def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool
         summary["failed"] += 1
 
     conditions: dict[str, tuple] = {}
-    with pipe._phase("encode"):
+    with pipe.phase("encode"):
         bar.set_description("encode")
         for job in pending:
             r = job.request
@@ -209,7 +209,7 @@ def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool
                 conditions[job.hash] = (cond, uncond)
             except Exception as err:  # noqa: BLE001 - one entry's failure is recorded, the others go on
                 fail(job, err)
-    with pipe._phase("denoise"):
+    with pipe.phase("denoise"):
         for job in sorted((j for j in pending if j.hash in conditions), key=lambda j: (j.request.height, j.request.width)):
             bar.set_description(f"denoise {job.entry.name}")
             try:
@@ -219,7 +219,7 @@ def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool
                 job.seconds = time.perf_counter() - t0
             except Exception as err:  # noqa: BLE001
                 fail(job, err)
-    with pipe._phase("decode"):
+    with pipe.phase("decode"):
         for job in (j for j in pending if j.latents is not None):
             bar.set_description(f"decode {job.entry.name}")
             try:

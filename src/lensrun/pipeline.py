@@ -169,6 +169,9 @@ class LensPipeline:
         """Place every component on ``device`` (default: CUDA when present, else CPU)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._device = device
+        if self.placer is not None:  # plain residency replaces any memory plan
+            self.placer.release()
+            self.placer = None
         self.transformer.to(device)
         self.vae.to(device)
         if self.text_encoder is not None:
@@ -249,7 +252,8 @@ class LensPipeline:
     def plan(self) -> Plan:
         return self.placer.plan if self.placer is not None else Plan(precision=self.precision)
 
-    def _phase(self, name: str):
+    def phase(self, name: str):
+        """Context for the encode / denoise / decode phase: brings that component's weights in under a plan."""
         return self.placer.phase(name) if self.placer is not None else contextlib.nullcontext()
 
     @property
@@ -439,14 +443,14 @@ class LensPipeline:
         clock = _PhaseClock(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with clock("encode"), self._phase("encode"):
+        with clock("encode"), self.phase("encode"):
             pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
 
         bar = tqdm(total=total * req.steps, desc="denoising", unit="step", disable=not show_progress)
         results, configs = [], []
-        with clock("denoise"), self._phase("denoise"):
+        with clock("denoise"), self.phase("denoise"):
             for p in range(len(req.prompts)):
                 for k in range(req.n):
                     index = p * req.n + k
@@ -472,7 +476,7 @@ class LensPipeline:
                     configs.append(settings)
         bar.close()
         if output_type != "latent":
-            with clock("decode"), self._phase("decode"):
+            with clock("decode"), self.phase("decode"):
                 results = [decode_tokens(self.vae, x, req.grid) for x in results]
         report = {"plan": self.plan.name, "seconds": {k: v for k, v in clock.totals.items() if not k.startswith("cache")}}
         if self.device.type == "cuda":
