@@ -2,8 +2,9 @@
 
 Each cell runs in its own process with ``torch.cuda.set_per_process_memory_fraction`` at the budget: full
 pipeline (encode, 20 steps CFG 5, decode), eager, full-size random weights. The all-resident run without a
-budget is the baseline of the same run. A last cell forces the all-resident bf16 plan at 24 GiB for 1440² 16:9
-(the field report's OOM) and shows the recovery onto the next plan.
+budget is the baseline of the same run. A last cell forces the all-resident bf16 plan at 23 GiB for 1440² 16:9
+(the field report's OOM: measured 23.3 GiB allocated, so it must fail) and shows the recovery onto the next plan,
+with the allocated memory before the failed attempt and after the clean-up.
 
     python benchmarks/memory.py --root /tmp/lens-full --json $OUT/memory.json
 """
@@ -63,6 +64,7 @@ def cell(root: str, budget: float | None, size: str, force_resident: bool) -> di
         "measured_allocated_gib": out.report["peak_allocated_gib"], "measured_reserved_gib": out.report["peak_reserved_gib"],
         "seconds": seconds, "phase_seconds": out.report["seconds"], "allocated_before_gib": before / GIB,
         "allocated_after_gib": torch.cuda.memory_allocated(device) / GIB,
+        "recoveries": out.report.get("recoveries", []),
     }  # fmt: skip
 
 
@@ -77,7 +79,7 @@ def main() -> None:
         print("CELL " + json.dumps(cell(args.root, budget, args.cell[1], args.cell[2] == "1")), flush=True)
         return
     rows = []
-    jobs = [(b, s, False) for s in SIZES for b in BUDGETS] + [(24, "1440 16:9", True)]
+    jobs = [(b, s, False) for s in SIZES for b in BUDGETS] + [(23, "1440 16:9", True)]
     for budget, size, force in jobs:
         cmd = [sys.executable, __file__, "--root", args.root, "--cell", str(budget).lower(), size, str(int(force))]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -99,6 +101,9 @@ def main() -> None:
             f"{label:>7s} {r['size']:10s} {r['plan']:48s} {r['predicted_gib']:8.2f} {r['measured_allocated_gib']:6.2f} "
             f"{r['measured_reserved_gib']:6.2f} {err:+6.1f} {r['seconds']:7.2f} {r['seconds'] / base[r['size']]:10.2f}x"
         )
+        for rec in r.get("recoveries", []):
+            print(f"{'':18s}recovered from OOM under {rec['plan']}: allocated {rec['allocated_before_gib']:.2f} GiB "
+                  f"before the attempt, {rec['allocated_after_cleanup_gib']:.2f} GiB after clean-up")  # fmt: skip
 
 
 if __name__ == "__main__":
