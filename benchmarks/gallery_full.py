@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lensrun import api
-from lensrun import gallery as g
+import lensrun.gallery as g
 from lensrun.random_checkpoint import write_checkpoint
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lensrun import LensrunError, api
-from lensrun import gallery as g
+import lensrun.gallery as g
 from lensrun.cli import main
 
 TOML = """

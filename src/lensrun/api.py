@@ -290,7 +290,7 @@ def gallery(
 ) -> dict:
     """Render a gallery file into ``out`` (see ``lensrun.gallery``); the keywords are defaults for its entries,
     below the file's own ``[defaults]``. Returns the summary: done / skipped / failed and the index path."""
-    from lensrun import gallery as g
+    import lensrun.gallery as g
 
     torch_device = resolve_device(device)
     torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))

@@ -7,11 +7,10 @@ import sys
 import warnings
 
 from lensrun.errors import LensrunError
-from lensrun.pipeline import DEFAULT_MODEL, TINY_MODEL
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE
 from lensrun.acceleration import PRECISION_ALIASES, PRECISIONS
 from lensrun.memory import PLACEMENTS
-from lensrun.request import ASPECT_RATIOS, BASE_RESOLUTIONS, DTYPES, NOISE_SOURCES, VARIANTS
+from lensrun.request import ASPECT_RATIOS, BASE_RESOLUTIONS, DEFAULT_MODEL, DTYPES, NOISE_SOURCES, TINY_MODEL, VARIANTS
 
 TINY_NOTICE = (
     "note: --model tiny-random is a tiny model with random weights built in-process; its images are noise. "

@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lensrun import random_checkpoint as rc
 from lensrun.acceleration import PRECISIONS, quantizable
 from lensrun.errors import LensrunError
-from lensrun.models.transformer_lens import LensTransformer2DModel
 
 GIB = 2**30
 DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348
@@ -57,6 +55,9 @@ class ComponentSizes:
 
     @classmethod
     def from_configs(cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2) -> ComponentSizes:
+        from lensrun import random_checkpoint as rc
+        from lensrun.models.transformer_lens import LensTransformer2DModel
+
         with torch.device("meta"):
             model = LensTransformer2DModel(**transformer)
         quantizable_bytes = sum(m.weight.numel() for n, m in model.named_modules() if quantizable(m, n))
@@ -92,6 +93,8 @@ class ComponentSizes:
     @classmethod
     def lens(cls) -> ComponentSizes:
         """The published Lens shapes (all three variants share them)."""
+        from lensrun import random_checkpoint as rc
+
         return cls.from_configs(rc.FULL_TRANSFORMER_CONFIG, rc.FULL_TEXT_ENCODER_CONFIG, rc.FULL_VAE_CONFIG)
 
 

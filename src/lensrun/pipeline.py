@@ -30,11 +30,8 @@ from lensrun.models.transformer_lens import FirstBlockCache, LensTransformer2DMo
 from lensrun.placement import Placer
 from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
-from lensrun.request import OUTPUT_TYPES, GenerationRequest, check_variant, infer_variant
+from lensrun.request import DEFAULT_MODEL, OUTPUT_TYPES, TINY_MODEL, GenerationRequest, check_variant, infer_variant
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
-
-DEFAULT_MODEL = "microsoft/Lens"
-TINY_MODEL = "tiny-random"
 
 
 @dataclass

@@ -28,6 +28,8 @@ BUCKETS: dict[int, dict[str, tuple[int, int]]] = {
 }  # fmt: skip
 ASPECT_RATIOS = tuple(BUCKETS[1024])
 BASE_RESOLUTIONS = tuple(BUCKETS)
+DEFAULT_MODEL = "microsoft/Lens"
+TINY_MODEL = "tiny-random"
 DEFAULT_BASE_RESOLUTION = 1024
 DEFAULT_ASPECT_RATIO = "1:1"
 MAX_SIDE = 4096  # RoPE positions stay far inside the model's tables
