@@ -192,8 +192,12 @@ def test_auth_queue_full_and_shutdown(held):
     worker = srv.app.state.worker
     stopper = threading.Thread(target=worker.shutdown)
     stopper.start()
-    time.sleep(0.2)
-    gate.set()
+    running_job = worker.jobs[running["id"]]
+    deadline = time.time() + 30
+    while not (running_job.cancel.is_set() and worker.jobs[queued["id"]].done.is_set()):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    gate.set()  # the running job reaches its next step only now, already asked to stop
     stopper.join(30)
     assert worker.jobs[queued["id"]].error == "the server shut down before this job started"
     assert worker.jobs[running["id"]].status == "cancelled"
