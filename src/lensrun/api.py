@@ -30,6 +30,11 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The asked dtype, or bf16 on CUDA and fp32 on the CPU."""
+    return check_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
 def load_pipeline(
     model: str, variant: str | None, dtype: torch.dtype, device: torch.device, precision: str = "bf16"
 ) -> LensPipeline:
@@ -155,7 +160,7 @@ def generate(
     ``quantize``; ``compile`` defaults to on for CUDA.
     """
     torch_device = resolve_device(device)
-    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    torch_dtype = resolve_dtype(dtype, torch_device)
     variant = variant or infer_variant(str(model))
     placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
     req = GenerationRequest.build(
@@ -293,16 +298,14 @@ def gallery(
     import lensrun.gallery as g
 
     torch_device = resolve_device(device)
-    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    torch_dtype = resolve_dtype(dtype, torch_device)
     given = dict(variant=variant, negative_prompt=negative_prompt, base_resolution=base_resolution,
                  aspect_ratio=aspect_ratio, height=height, width=width, steps=steps, cfg=cfg, seed=seed, n=n)  # fmt: skip
     entries = g.load_gallery(file, {k: v for k, v in given.items() if v is not None})
     common = dict(noise=noise, template_date=template_date, cache=cache)
     GenerationRequest.build("x", noise=noise, template_date=template_date, cache=cache)
     placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
-    sizes = [GenerationRequest.build("x", None, e.settings.get("height"), e.settings.get("width"),
-                                     e.settings.get("base_resolution"), e.settings.get("aspect_ratio")) for e in entries]  # fmt: skip
-    largest = max(sizes, key=lambda r: r.height * r.width)
+    largest = max((g.entry_request(e.settings, "lens") for e in entries), key=lambda r: r.height * r.width)
     plans, _ = plans_for(torch_device, largest.height, largest.width, 50, 5.0, vram, placement, quantize)
     pipe = _ready_pipeline(model, variant or infer_variant(str(model)), torch_dtype, torch_device, plans, compile)
     pipe.apply_plan(plans[0], torch_device)

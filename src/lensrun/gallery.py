@@ -104,11 +104,7 @@ def load_gallery(path: str | Path, defaults: dict | None = None) -> list[Entry]:
         if settings.get("seed") is None:
             settings["seed"] = seed_for(name, settings["prompt"])
         try:
-            GenerationRequest.build(
-                settings["prompt"], settings.get("negative_prompt"), settings.get("height"), settings.get("width"),
-                settings.get("base_resolution"), settings.get("aspect_ratio"), settings.get("steps"),
-                settings.get("cfg"), settings.get("n", 1), settings["seed"], variant=settings.get("variant") or "lens",
-            )  # fmt: skip
+            entry_request(settings, "lens")
         except LensrunError as err:
             problems.append(f"{label}: {err}")
             continue
@@ -116,6 +112,16 @@ def load_gallery(path: str | Path, defaults: dict | None = None) -> list[Entry]:
     if problems:
         raise LensrunError("invalid gallery:\n  " + "\n  ".join(problems))
     return entries
+
+
+def entry_request(settings: dict, variant: str, **common) -> GenerationRequest:
+    """The validated request of one entry's settings (``common``: noise, template date, step cache)."""
+    s = settings
+    return GenerationRequest.build(
+        s["prompt"], s.get("negative_prompt"), s.get("height"), s.get("width"), s.get("base_resolution"),
+        s.get("aspect_ratio"), s.get("steps"), s.get("cfg"), s.get("n", 1), s["seed"],
+        variant=s.get("variant") or variant, **common,
+    )  # fmt: skip
 
 
 def config_hash(config: dict) -> str:
@@ -161,11 +167,7 @@ def plan_images(entries: list[Entry], pipe, common: dict | None = None) -> list[
     jobs = []
     for entry in entries:
         s = entry.settings
-        req = GenerationRequest.build(
-            s["prompt"], s.get("negative_prompt"), s.get("height"), s.get("width"), s.get("base_resolution"),
-            s.get("aspect_ratio"), s.get("steps"), s.get("cfg"), s.get("n", 1), s["seed"],
-            variant=s.get("variant") or pipe.variant, **(common or {}),
-        )  # fmt: skip
+        req = entry_request(s, pipe.variant, **(common or {}))
         for k in range(req.n):
             config = {
                 **req.image_settings(0, k), "model": pipe.model_name, "variant": s.get("variant") or pipe.variant,
@@ -202,11 +204,8 @@ def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool
         for job in pending:
             r = job.request
             try:
-                cond = pipe.encode_one(r.prompts[0], r.template_date)
-                uncond = None
-                if r.cfg != 1.0:
-                    uncond = pipe.encode_one(r.negative_prompt, r.template_date) if r.negative_prompt.strip() else [f[:, :0] for f in cond]
-                conditions[job.hash] = (cond, uncond)
+                pos, neg = pipe.conditions(r)
+                conditions[job.hash] = (pos[0], neg[0] if neg is not None else None)
             except Exception as err:  # noqa: BLE001 - one entry's failure is recorded, the others go on
                 fail(job, err)
     with pipe.phase("denoise"):

@@ -150,8 +150,7 @@ class LensPipeline:
             1,
             prefix="model.",
         )
-        vae_cfg = {k: v for k, v in rc.TINY_VAE_CONFIG.items() if not k.startswith("_") and k != "force_upcast"}
-        vae = build(AutoencoderKLFlux2(**vae_cfg), rc.vae_meta_state(rc.TINY_VAE_CONFIG), 2)
+        vae = build(AutoencoderKLFlux2(**rc.vae_init_kwargs(rc.TINY_VAE_CONFIG)), rc.vae_meta_state(rc.TINY_VAE_CONFIG), 2)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(rc.LENS_SCHEDULER_CONFIG)
         with _quiet_diffusers():
             transformer, vae = transformer.to(dtype), vae.to(dtype)
@@ -285,13 +284,13 @@ class LensPipeline:
         self.prompt_cache.put(key, features)
         return features
 
-    def _conditions(
+    def conditions(
         self,
         req: GenerationRequest,
-        prompt_embeds: list[torch.Tensor] | None,
-        prompt_mask: torch.Tensor | None,
-        negative_prompt_embeds: list[torch.Tensor] | None,
-        negative_prompt_mask: torch.Tensor | None,
+        prompt_embeds: list[torch.Tensor] | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_mask: torch.Tensor | None = None,
     ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
         """Per-prompt positive rows and negative rows (None when guidance is off), each cut to valid tokens."""
         if prompt_embeds is not None:
@@ -441,7 +440,7 @@ class LensPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with clock("encode"), self.phase("encode"):
-            pos, neg = self._conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
+            pos, neg = self.conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
 

@@ -197,12 +197,16 @@ def text_encoder_meta_state(config: dict) -> dict[str, torch.Tensor]:
     return state
 
 
+def vae_init_kwargs(config: dict) -> dict:
+    """AutoencoderKLFlux2 constructor arguments from a vae/config.json (``force_upcast`` is not one of them)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "force_upcast"}
+
+
 def vae_meta_state(config: dict) -> dict[str, torch.Tensor]:
     from diffusers import AutoencoderKLFlux2
 
-    cfg = {k: v for k, v in config.items() if not k.startswith("_") and k != "force_upcast"}
     with torch.device("meta"):
-        return AutoencoderKLFlux2(**cfg).state_dict()
+        return AutoencoderKLFlux2(**vae_init_kwargs(config)).state_dict()
 
 
 def write_checkpoint(

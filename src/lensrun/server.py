@@ -362,14 +362,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | 
 
     import uvicorn
 
-    from lensrun.api import load_pipeline, plans_for, resolve_device
-    from lensrun.request import check_dtype
+    from lensrun.api import load_pipeline, plans_for, resolve_device, resolve_dtype
 
     warning = host_warning(host, api_key)
     if warning:
         notify(warning)
     torch_device = resolve_device(device)
-    torch_dtype = check_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    torch_dtype = resolve_dtype(dtype, torch_device)
     pipe = load_pipeline(model, None, torch_dtype, torch_device)
     plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram)
     pipe.apply_plan(plans[0], torch_device)
