@@ -1,0 +1,67 @@
+"""GPU-only paths (pinned copies, side streams, CUDA OOM). Skipped without CUDA; run them on the GPU machine with
+``pytest tests/test_cuda.py``."""
+
+import gc
+
+import pytest
+import torch
+
+from lensrun.memory import Plan
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SMALL = dict(height=64, width=96, num_inference_steps=3, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def gpu_pipe():
+    from lensrun import LensPipeline
+
+    return LensPipeline.tiny_random(device="cuda")
+
+
+@pytest.mark.parametrize("placement", ["resident", "phased", "offload", "stream"])
+def test_every_placement_gives_the_resident_image(gpu_pipe, placement):
+    gpu_pipe.apply_plan(Plan())
+    expected = gpu_pipe("a red kite over dunes", seed=11, **SMALL).images
+    gpu_pipe.prompt_cache._memory.clear()
+    try:
+        gpu_pipe.apply_plan(Plan(placement=placement, encoder_chunk=2, vae_tiling=True, embedding_on_cpu=True))
+        out = gpu_pipe("a red kite over dunes", seed=11, **SMALL)
+        assert out.report["plan"].startswith(placement)
+        if placement != "resident":  # the DiT's weights are back in CPU memory after the run
+            assert gpu_pipe.transformer.transformer_blocks[0].attn.img_qkv.weight.device.type == "cpu"
+    finally:
+        gpu_pipe.apply_plan(Plan())
+    torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
+    assert gpu_pipe.transformer.transformer_blocks[0].attn.img_qkv.weight.device.type == "cuda"
+
+
+def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
+    """A genuine allocator failure (not an injected exception) under the first plan; the second one finishes."""
+    gpu_pipe.apply_plan(Plan())
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    free, _ = torch.cuda.mem_get_info()
+    inner = gpu_pipe.transformer.forward
+    state = {"failed": False}
+
+    def greedy(*args, **kwargs):
+        if not state["failed"]:
+            state["failed"] = True
+            _hog = torch.empty(free + 2**30, dtype=torch.uint8, device="cuda")  # more than the card has free
+        return inner(*args, **kwargs)
+
+    gpu_pipe.transformer.forward = greedy
+    try:
+        out = gpu_pipe.run_planned([Plan(), Plan(encoder_chunk=8)], prompt="x", seed=1, **SMALL)
+    finally:
+        del gpu_pipe.transformer.forward
+        gpu_pipe.apply_plan(Plan())
+    assert out.report["plan"] == "resident+bf16+enc-chunk8"
+    assert "out of memory" in out.report["fallbacks"][0].lower()
+    rec = out.report["recoveries"][0]
+    assert abs(rec["allocated_after_cleanup_gib"] - rec["allocated_before_gib"]) < 0.01
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= base + 2**20
