@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +84,8 @@ def main() -> None:
     jobs = [(b, s, False) for s in SIZES for b in BUDGETS] + [(23, "1440 16:9", True)]
     for budget, size, force in jobs:
         cmd = [sys.executable, __file__, "--root", args.root, "--cell", str(budget).lower(), size, str(int(force))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        env = {**os.environ, "LENSRUN_CACHE_DIR": tempfile.mkdtemp(prefix="lensrun-cell-")}  # every cell encodes
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")), None)
         result = json.loads(line[5:]) if line else {"error": (proc.stderr or proc.stdout)[-400:]}
         rows.append({"budget_gib": budget, "size": size, "forced_resident": force, **result})

@@ -216,3 +216,16 @@ def test_plan_choice_is_explained():
     assert why.startswith("plan resident+bf16+enc-chunk8+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
     assert "on out-of-memory: " + plans[1].name in why
     assert plans_for(torch.device("cuda"), 1024, 1024, 20, 5.0, vram="80")[0][0] == Plan()
+
+
+def test_cached_prompts_skip_the_encode_phase(tiny_pipe, monkeypatch):
+    """A phased plan brings the encoder in only for prompts the cache lacks."""
+    entered = []
+    phase = tiny_pipe.phase
+    monkeypatch.setattr(tiny_pipe, "phase", lambda name: entered.append(name) or phase(name))
+    tiny_pipe("a prompt seen twice", negative_prompt="blurry", seed=1, **SMALL)
+    assert entered.count("encode") == 1
+    tiny_pipe("a prompt seen twice", negative_prompt="blurry", seed=2, **SMALL)
+    assert entered.count("encode") == 1 and entered.count("denoise") == 2
+    tiny_pipe("a prompt seen twice", negative_prompt="a new negative", seed=2, **SMALL)
+    assert entered.count("encode") == 2

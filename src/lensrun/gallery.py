@@ -199,7 +199,7 @@ def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool
         summary["failed"] += 1
 
     conditions: dict[str, tuple] = {}
-    with pipe.phase("encode"):
+    with pipe.encoding_phase([text for job in pending for text in job.request.prompts_to_encode()]):
         bar.set_description("encode")
         for job in pending:
             r = job.request

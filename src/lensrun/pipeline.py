@@ -252,6 +252,12 @@ class LensPipeline:
         """Context for the encode / denoise / decode phase: brings that component's weights in under a plan."""
         return self.placer.phase(name) if self.placer is not None else contextlib.nullcontext()
 
+    def encoding_phase(self, prompts: list[tuple[str, str]]):
+        """The encode phase, entered only when one of ``prompts`` ((text, template date) pairs) misses the prompt
+        cache: with every prompt cached, a phased plan never brings the encoder's weights onto the GPU."""
+        keys = [self.prompt_cache.key(p, date, MAX_SEQUENCE_LENGTH, self.dtype) for p, date in prompts]
+        return self.phase("encode") if not all(map(self.prompt_cache.has, keys)) else contextlib.nullcontext()
+
     @property
     def device(self) -> torch.device:
         """Where the computation runs (weights may visit it only for their phase under a plan)."""
@@ -439,7 +445,9 @@ class LensPipeline:
         clock = _PhaseClock(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with clock("encode"), self.phase("encode"):
+        with clock("encode"), self.encoding_phase(
+            req.prompts_to_encode(prompt_embeds is not None, negative_prompt_embeds is not None)
+        ):
             pos, neg = self.conditions(req, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")

@@ -70,6 +70,10 @@ class PromptCache:
         self.misses += 1
         return None
 
+    def has(self, key: str) -> bool:
+        path = self._path(key)
+        return key in self._memory or (path is not None and path.is_file())
+
     def put(self, key: str, features: list[torch.Tensor]) -> None:
         cpu = [f.detach().to("cpu").contiguous() for f in features]
         self._remember(key, cpu)

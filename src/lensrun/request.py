@@ -194,6 +194,13 @@ class GenerationRequest:
         """Latent token grid (each token is a 16×16 pixel patch)."""
         return self.height // 16, self.width // 16
 
+    def prompts_to_encode(self, embeds_given: bool = False, negative_embeds_given: bool = False) -> list[tuple[str, str]]:
+        """(text, template date) pairs this request needs from the encoder; an empty negative needs none."""
+        texts = [] if embeds_given else list(self.prompts)
+        if self.cfg != 1.0 and not negative_embeds_given and self.negative_prompt.strip():
+            texts.append(self.negative_prompt)
+        return [(text, self.template_date) for text in texts]
+
     def image_settings(self, prompt_index: int, k: int) -> dict:
         """Settings that regenerate image k of prompt ``prompt_index`` on its own (its own seed)."""
         d = asdict(self)

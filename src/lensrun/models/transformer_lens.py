@@ -263,7 +263,14 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
     def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
         """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
         temb = self.time_text_embed(timestep, self.img_in.weight.dtype)
-        return StepConditioning(temb, [block.modulation(temb) for block in self.transformer_blocks])
+        mods = []
+        for i, block in enumerate(self.transformer_blocks):  # streamed blocks visit the GPU once for all steps
+            if self.streamer is not None:
+                self.streamer.before(i)
+            mods.append(block.modulation(temb))
+            if self.streamer is not None:
+                self.streamer.after(i)
+        return StepConditioning(temb, mods)
 
     def rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables, cached per (grid, text length, device): they never change between steps."""
