@@ -69,3 +69,29 @@ def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= base + 2**20
+
+
+def test_fused_experts_match_decoded_experts_at_full_size():
+    """The Triton kernel path of a full-size GPT-OSS expert layer equals decode-then-matmul (bf16)."""
+    from lensrun import mxfp4
+    from lensrun.models.text_encoder import Mxfp4Experts
+    from lensrun.random_checkpoint import FULL_TEXT_ENCODER_CONFIG, gpt_oss_config
+
+    config = gpt_oss_config(FULL_TEXT_ENCODER_CONFIG)
+    experts = Mxfp4Experts(config).cuda()
+    e, n2, h = experts.gate_up_proj_blocks.shape[0], experts.gate_up_proj_blocks.shape[1], config.hidden_size
+    gb, gs = mxfp4.quantize(torch.randn(e, n2, h, device="cuda") * h**-0.5)
+    db, ds = mxfp4.quantize(torch.randn(e, h, config.intermediate_size, device="cuda") * h**-0.5)
+    for p, v in ((experts.gate_up_proj_blocks, gb), (experts.gate_up_proj_scales, gs), (experts.down_proj_blocks, db),
+                 (experts.down_proj_scales, ds)):  # fmt: skip
+        p.data.copy_(v)
+    experts.gate_up_proj_bias.data.normal_()
+    experts.down_proj_bias.data.normal_()
+    x = torch.randn(300, h, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, e, (300, 4), device="cuda")
+    w = torch.softmax(torch.randn(300, 4, device="cuda"), -1).to(torch.bfloat16)
+    experts.fused = False
+    ref = experts(x, idx, w)
+    experts.fused = True
+    out = experts(x, idx, w)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

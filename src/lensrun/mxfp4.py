@@ -6,6 +6,9 @@ low nibble = even element, high nibble = odd element; value = LUT[nibble] · 2^(
 
 from __future__ import annotations
 
+import importlib.util
+from functools import cache
+
 import torch
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -49,3 +52,9 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exp.squeeze(-1) + 127).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()
+
+
+@cache
+def fused_kernel_available() -> bool:
+    """Whether ``lensrun.mxfp4_moe`` (Triton) can run: needs Triton and a CUDA GPU; elsewhere experts are decoded."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()

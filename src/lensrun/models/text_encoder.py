@@ -36,6 +36,7 @@ class Mxfp4Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
         self.dequantize = mxfp4.dequantize  # replaced by a compiled (fused) version on CUDA
         self.chunk = e  # experts decoded at once; the memory planner may lower it
+        self.fused = mxfp4.fused_kernel_available()  # on CUDA: Triton kernel reading the packed weights
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Route each (token, slot) pair to its expert with grouped matmuls over the experts' sorted rows.
@@ -50,7 +51,9 @@ class Mxfp4Experts(nn.Module):
         token = order // indices.shape[1]
         offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
         rows = x[token]
-        if self.chunk >= num_experts:
+        if self.fused and rows.is_cuda:
+            y = self._experts_fused(rows, offsets)
+        elif self.chunk >= num_experts:
             y = self._experts(rows, expert_of, offsets, slice(0, num_experts))
         else:
             ends = [0, *offsets.tolist()]
@@ -64,16 +67,27 @@ class Mxfp4Experts(nn.Module):
         y = y * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
+    def _experts_fused(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The same SwiGLU-with-clamp through the Triton kernel: no decoded weights, no decode workspace."""
+        from lensrun.mxfp4_moe import grouped_matmul
+
+        gu = grouped_matmul(rows, self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias, offsets)
+        act = self._swiglu(gu)
+        return grouped_matmul(act, self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias, offsets)
+
+    def _swiglu(self, gu: torch.Tensor) -> torch.Tensor:
+        """GPT-OSS's clamped SwiGLU on interleaved (gate, up) columns."""
+        gate = gu[..., 0::2].clamp(max=self.limit)
+        up = gu[..., 1::2].clamp(-self.limit, self.limit)
+        return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))).contiguous()
+
     def _experts(self, rows: torch.Tensor, expert_of: torch.Tensor, offsets: torch.Tensor, experts: slice) -> torch.Tensor:
         """SwiGLU-with-clamp of sorted ``rows`` through the experts in ``experts`` (decoded here, then dropped)."""
         dtype = rows.dtype
         w_gu = self.dequantize(self.gate_up_proj_blocks[experts], self.gate_up_proj_scales[experts], dtype)
         gu = torch._grouped_mm(rows, w_gu.transpose(-2, -1), offs=offsets)
         del w_gu
-        gu = gu + self.gate_up_proj_bias.to(dtype)[expert_of]
-        gate = gu[..., 0::2].clamp(max=self.limit)
-        up = gu[..., 1::2].clamp(-self.limit, self.limit)
-        act = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))).contiguous()
+        act = self._swiglu(gu + self.gate_up_proj_bias.to(dtype)[expert_of])
         w_down = self.dequantize(self.down_proj_blocks[experts], self.down_proj_scales[experts], dtype)
         y = torch._grouped_mm(act, w_down.transpose(-2, -1), offs=offsets)
         return y + self.down_proj_bias.to(dtype)[expert_of]
@@ -186,6 +200,13 @@ class LensTextEncoder(nn.Module):
         fused = torch.compile(mxfp4.dequantize, dynamic=False, fullgraph=True)
         for layer in self.layers:
             layer.mlp.experts.dequantize = fused
+
+    def use_fused_experts(self, on: bool) -> None:
+        """Triton kernel on the packed weights (default where available) or decode-then-matmul."""
+        if on and not mxfp4.fused_kernel_available():
+            raise RuntimeError("the fused MXFP4 kernel needs Triton and a CUDA GPU")
+        for layer in self.layers:
+            layer.mlp.experts.fused = on
 
     def set_decode_chunk(self, experts: int) -> None:
         """Decode at most ``experts`` experts' weights at once (memory planner's knob)."""
