@@ -95,3 +95,26 @@ def test_fused_experts_match_decoded_experts_at_full_size():
     experts.fused = True
     out = experts(x, idx, w)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_graphed_encoder_equals_eager_and_reuses_one_graph_per_bucket(gpu_pipe):
+    encoder = gpu_pipe.text_encoder
+    gpu_pipe.apply_plan(Plan())
+    ids = [torch.randint(0, encoder.config.vocab_size, (1, n)) for n in (7, 100, 128, 130)]
+    masks = [torch.ones(1, i.shape[1], dtype=torch.long) for i in ids]
+    eager = [encoder(i, m) for i, m in zip(ids, masks)]
+    encoder.use_graphs = True
+    try:
+        graphed = [encoder(i, m) for i, m in zip(ids, masks)]
+        again = encoder(ids[1], masks[1])  # replayed, not recaptured
+        assert sorted(encoder._graphs) == [(1, 128), (1, 256)]
+    finally:
+        gpu_pipe.apply_plan(Plan(placement="phased"))
+        assert not encoder.use_graphs and not encoder._graphs  # a phased plan moves weights: no graphs
+        gpu_pipe.apply_plan(Plan())
+    for e, g in zip(eager, graphed):
+        for a, b in zip(e, g):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+    for a, b in zip(graphed[1], again):
+        assert torch.equal(a, b)

@@ -36,7 +36,8 @@ def test_grouped_matmul_matches_decode_then_matmul(dtype, counts):
     out = grouped_matmul(to(x, dtype), to(blocks), to(scales), to(bias, dtype), to(ends), **SMALL_BLOCKS)
     ref = reference(x.to(dtype).float(), blocks, scales, bias.to(dtype).float(), counts)
     assert out.shape == (sum(counts), n) and not out.isnan().any()
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float32: 1e-3 if CUDA else 1e-5,  # tf32 dot on the GPU
+           torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < tol
 
 

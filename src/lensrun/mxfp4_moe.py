@@ -17,6 +17,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _e2m1(code):
+    """4-bit E2M1 codes → fp32: normal codes are 2^(e−1)·(1 + m/2), code 1 the subnormal 0.5, code 0 zero."""
+    exp = (code >> 1) & 3
+    mant = code & 1
+    bits = tl.where(exp > 0, ((exp + 126) << 23) | (mant << 22), mant * (126 << 23))
+    return (bits | ((code >> 3) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _mxfp4_grouped_kernel(
     x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, ends_ptr, tile_expert_ptr, tile_row_ptr,
     N, K: tl.constexpr,
@@ -36,19 +45,17 @@ def _mxfp4_grouped_kernel(
     w_rows = blocks_ptr + expert.to(tl.int64) * stride_be + cols[:, None].to(tl.int64) * stride_bn
     s_rows = scales_ptr + expert.to(tl.int64) * stride_se + cols[:, None].to(tl.int64) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    half = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, BLOCK_K // 32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=row_ok[:, None], other=0.0)
-        packed = tl.load(w_rows + (kk[None, :] // 2), mask=col_ok[:, None], other=0).to(tl.int32)
-        code = (packed >> ((kk[None, :] % 2) * 4)) & 0xF  # low nibble = even element
-        exp = (code >> 1) & 3
-        mant = code & 1
-        # E2M1 → fp32 bits: normal codes are 2^(e−1)·(1 + m/2); code 1 is the subnormal 0.5; code 0 is zero.
-        bits = tl.where(exp > 0, ((exp + 126) << 23) | (mant << 22), mant * (126 << 23))
-        bits = bits | ((code >> 3) << 31)
-        scale_bits = tl.load(s_rows + (kk[None, :] // 32), mask=col_ok[:, None], other=127).to(tl.int32) << 23
-        w = bits.to(tl.float32, bitcast=True) * scale_bits.to(tl.float32, bitcast=True)
-        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        packed = tl.load(w_rows + (k0 // 2 + half)[None, :], mask=col_ok[:, None], other=0).to(tl.int32)
+        scale = tl.load(s_rows + (k0 // 32 + groups)[None, :], mask=col_ok[:, None], other=127).to(tl.int32)
+        # low nibble = even element, high nibble = odd element: decode both halves, then interleave them
+        w = tl.join(_e2m1(packed & 0xF), _e2m1(packed >> 4)).reshape(BLOCK_N, BLOCK_K // 32, 32)
+        w = w * (scale << 23).to(tl.float32, bitcast=True)[:, :, None]
+        acc = tl.dot(a, tl.trans(w.reshape(BLOCK_N, BLOCK_K).to(a.dtype)), acc)
     acc += tl.load(bias_ptr + expert * stride_bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

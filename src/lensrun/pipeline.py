@@ -172,7 +172,19 @@ class LensPipeline:
         self.vae.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)
+        self._encoder_graphs()
         return self
+
+    def _encoder_graphs(self) -> None:
+        """Graph the encoder when compiled on CUDA and resident (a captured graph pins the weights' addresses,
+        which phased and streamed plans move); any re-placement drops the graphs captured so far."""
+        encoder = self.text_encoder
+        if encoder is None:
+            return
+        encoder.reset_graphs()
+        experts = [layer.mlp.experts for layer in encoder.layers]
+        sync_free = all(e.fused or e.chunk >= e.gate_up_proj_blocks.shape[0] for e in experts)  # chunks sync
+        encoder.use_graphs = self.compiled and self.device.type == "cuda" and self.plan.placement == "resident" and sync_free
 
     def optimize(self, compile: bool = False, precision: str = "bf16") -> LensPipeline:
         """Quantize the DiT's block linears (torchao) and/or compile the hot paths; call once after loading.
@@ -195,6 +207,7 @@ class LensPipeline:
                 self.vae.to(memory_format=torch.channels_last)
                 self.vae.decoder.compile()
             self.compiled = True
+            self._encoder_graphs()
         return self
 
     def apply_plan(self, plan: Plan, device: str | torch.device | None = None) -> LensPipeline:
@@ -214,6 +227,7 @@ class LensPipeline:
         self.placer.apply()
         if plan.precision != self.precision:  # after placement: torchao quantizes the weights where they are
             self.optimize(compile=self.compiled, precision=plan.precision)
+        self._encoder_graphs()
         return self
 
     def run_planned(self, plans: list[Plan], notify: Callable[[str], None] | None = None, **call) -> LensPipelineOutput:

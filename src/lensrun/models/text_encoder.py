@@ -49,7 +49,8 @@ class Mxfp4Experts(nn.Module):
         order = flat.argsort(stable=True)
         expert_of = flat[order]
         token = order // indices.shape[1]
-        offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+        counts = flat.new_zeros(num_experts).index_add_(0, flat, torch.ones_like(flat))  # bincount syncs on CUDA
+        offsets = counts.cumsum(0).to(torch.int32)
         rows = x[token]
         if self.fused and rows.is_cuda:
             y = self._experts_fused(rows, offsets)
@@ -148,6 +149,9 @@ class LensTextEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary_emb = GptOssRotaryEmbedding(config)
         self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
+        self.use_graphs = False  # CUDA graphs per padded length; only while the weights stay put (resident)
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graph_pool = None
 
     @property
     def device(self) -> torch.device:
@@ -179,6 +183,48 @@ class LensTextEncoder(nn.Module):
         hidden = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.dtype)
         hidden = hidden.to(self.rotary_emb.inv_freq.device)
         attention_mask = attention_mask.to(hidden.device)
+        if self.use_graphs and hidden.is_cuda and self.streamer is None:
+            return self._replay(hidden, attention_mask)
+        return self._layers(hidden, attention_mask)
+
+    GRAPH_BUCKET = 128  # tokens: prompts are padded up to a multiple, so a handful of graphs serve every length
+
+    def _replay(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """The layers as one CUDA graph per (batch, padded length): the encoder's ~1,500 small kernels launched
+        at once instead of one Python call each. Padding at the end changes no valid token's states (causal)."""
+        b, s, _ = hidden.shape
+        length = -(-s // self.GRAPH_BUCKET) * self.GRAPH_BUCKET
+        entry = self._graphs.get((b, length))
+        if entry is None:
+            static_hidden = hidden.new_zeros(b, length, hidden.shape[2])
+            static_mask = attention_mask.new_zeros(b, length)
+            static_hidden[:, :s], static_mask[:, :s] = hidden, attention_mask
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (compiles, cuBLAS handles, workspaces)
+                for _ in range(2):
+                    self._layers(static_hidden, static_mask)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs never run at once: one pool for all
+                outputs = self._layers(static_hidden, static_mask)
+            entry = self._graphs[(b, length)] = (graph, static_hidden, static_mask, outputs)
+        graph, static_hidden, static_mask, outputs = entry
+        static_hidden.zero_()
+        static_mask.zero_()
+        static_hidden[:, :s].copy_(hidden)
+        static_mask[:, :s].copy_(attention_mask)
+        graph.replay()
+        return [o[:, :s].clone() for o in outputs]
+
+    def reset_graphs(self) -> None:
+        """Drop captured graphs: they hold the weights' addresses, which a new memory plan may change."""
+        self._graphs.clear()
+        self._graph_pool = None
+
+    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         masks = self._masks(attention_mask)
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device)[None].expand(input_ids.shape[0], -1)
         pos_emb = self.rotary_emb(hidden, position_ids)
