@@ -226,7 +226,7 @@ class LensTextEncoder(nn.Module):
 
     def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         masks = self._masks(attention_mask)
-        position_ids = torch.arange(input_ids.shape[1], device=hidden.device)[None].expand(input_ids.shape[0], -1)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
         pos_emb = self.rotary_emb(hidden, position_ids)
         captured = {}
         for i, layer in enumerate(self.layers):
