@@ -3,7 +3,7 @@
 1. Kernel configs at the real shapes (32 experts, 2880→5760 and 2880→2880, 512 tokens × top-4 rows): median
    time, effective GB/s of packed weights read, TFLOP/s.
 2. The whole encoder (24 layers, as loaded from the checkpoint) at 512 and 128 tokens: decode path eager,
-   decode path with the compiled decode, fused kernel; peak memory above the weights; relative distance of the
+   decode path with the compiled decode, fused kernel, each of the last two also as CUDA graphs; peak memory above the weights; relative distance of the
    selected layers' features between the fused and decode paths.
 
     python benchmarks/encoder.py --root /tmp/lens-full --json $OUT/encoder.json
@@ -85,13 +85,17 @@ def encoder(report: dict, root: Path) -> None:
         ids = torch.randint(0, te.config.vocab_size, (1, tokens))
         mask = torch.ones(1, tokens, dtype=torch.bool)
         results = {}
-        for mode in ("decode-eager", "decode-compiled", "fused"):
-            te.use_fused_experts(mode == "fused")
-            if mode == "decode-compiled":
+        for mode in ("decode-eager", "decode-compiled", "decode-compiled+graphs", "fused", "fused+graphs"):
+            te.reset_graphs()
+            te.use_graphs = mode.endswith("+graphs")
+            te.use_fused_experts(mode.startswith("fused"))
+            if mode.startswith("decode-compiled"):
                 te.compile_dequantize()
             elif mode == "decode-eager":
                 for layer in te.layers:
                     layer.mlp.experts.dequantize = mxfp4.dequantize
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             feats = te(ids, mask)
             extra = (torch.cuda.max_memory_allocated() - weights) / 2**30
