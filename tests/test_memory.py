@@ -212,8 +212,8 @@ def test_plan_choice_is_explained():
     from lensrun.api import plans_for
 
     plans, why = plans_for(torch.device("cuda"), 1088, 1936, 20, 5.0, vram="24GB")
-    assert plans[0].name == "resident+bf16+enc-chunk8+vae-tiled" and len(plans) == 3
-    assert why.startswith("plan resident+bf16+enc-chunk8+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
+    assert plans[0].name == "resident+bf16+vae-tiled" and len(plans) == 3
+    assert why.startswith("plan resident+bf16+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
     assert "on out-of-memory: " + plans[1].name in why
     assert plans_for(torch.device("cuda"), 1024, 1024, 20, 5.0, vram="80")[0][0] == Plan()
 
@@ -229,3 +229,15 @@ def test_cached_prompts_skip_the_encode_phase(tiny_pipe, monkeypatch):
     assert entered.count("encode") == 1 and entered.count("denoise") == 2
     tiny_pipe("a prompt seen twice", negative_prompt="a new negative", seed=2, **SMALL)
     assert entered.count("encode") == 2
+
+
+def test_decoded_experts_need_decode_chunks_where_the_fused_kernel_does_not():
+    """Without the Triton kernel a layer's experts are decoded to bf16 (≈ 4 GiB at once); the planner then
+    bounds that with decode chunks. With the kernel there is no decode workspace and no chunk plans."""
+    sizes = memory.ComponentSizes.lens()
+    fused = memory.predict(Plan(), sizes, 1088, 1936, fused_experts=True).phases["encode"]
+    decoded = memory.predict(Plan(), sizes, 1088, 1936, fused_experts=False).phases["encode"]
+    assert 3.5 * GIB < decoded - fused < 4.5 * GIB
+    plan, _ = memory.choose(24 * GIB, 1088, 1936, fused_experts=False)
+    assert plan.name == "resident+bf16+enc-chunk8+vae-tiled"
+    assert {p.encoder_chunk for p in memory.candidate_plans(fused_experts=True)} == {32}

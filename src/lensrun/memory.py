@@ -14,6 +14,7 @@ at once, plus the decode's index temporaries ≈ 10× the layer's packed experts
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +27,9 @@ GIB = 2**30
 DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348
 ENCODER_DECODE_FACTOR = 10.0  # extra bytes per packed-expert byte of one layer while it is decoded
 ENCODER_FIXED = 0.05 * GIB  # attention scores, hidden states, captured features (≤ 512 tokens)
+# With the Triton kernel on the packed experts (lensrun.mxfp4_moe) nothing is decoded: measured 0.20–0.32 GiB
+# above the weights at 128–512 tokens, CUDA graph pool included (2026-11-26, H200, benchmarks/encoder.py).
+ENCODER_FUSED_EXTRA = 0.30 * GIB
 VAE_BYTES_PER_PIXEL = 4.776 * GIB / 2106368
 VAE_TILED_CAP = 2.386 * GIB
 SAFETY = 1.08  # allocator fragmentation and what the model above does not see
@@ -145,8 +149,21 @@ def _dit_flops(tokens: int, text: int, blocks: int, width: int) -> float:
     return blocks * (2 * macs * s + 4 * s * s * width)
 
 
+def fused_experts_default() -> bool:
+    """Whether the GPU being planned for runs the encoder's experts through the Triton kernel: yes where Triton
+    is installed, and when planning from a machine without CUDA (CUDA builds of torch ship Triton)."""
+    return importlib.util.find_spec("triton") is not None or not torch.cuda.is_available()
+
+
 def predict(
-    plan: Plan, sizes: ComponentSizes, height: int, width: int, steps: int = 20, cfg: bool = True, text_tokens: int = 128
+    plan: Plan,
+    sizes: ComponentSizes,
+    height: int,
+    width: int,
+    steps: int = 20,
+    cfg: bool = True,
+    text_tokens: int = 128,
+    fused_experts: bool = True,
 ) -> Prediction:
     """Peak VRAM per phase and an estimate of the time for one image under ``plan``."""
     tokens = (height // 16) * (width // 16)
@@ -154,7 +171,10 @@ def predict(
     dit = sizes.dit[plan.precision]
     emb = 0 if plan.embedding_on_cpu else sizes.encoder_embedding
     encoder = sizes.encoder_body + emb
-    enc_extra = ENCODER_FIXED + ENCODER_DECODE_FACTOR * sizes.encoder_layer_experts * plan.encoder_chunk / sizes.encoder_experts
+    if fused_experts:
+        enc_extra = ENCODER_FIXED + ENCODER_FUSED_EXTRA
+    else:
+        enc_extra = ENCODER_FIXED + ENCODER_DECODE_FACTOR * sizes.encoder_layer_experts * plan.encoder_chunk / sizes.encoder_experts
     features = 4 * text_tokens * 2880 * 2 * 2
     dit_extra = DIT_BYTES_PER_TOKEN * (tokens + text_tokens) + features
     vae_extra = min(VAE_BYTES_PER_PIXEL * pixels, VAE_TILED_CAP) if plan.vae_tiling else VAE_BYTES_PER_PIXEL * pixels
@@ -188,12 +208,13 @@ def predict(
     return Prediction(plan, max(phases.values()), phases, seconds)
 
 
-def candidate_plans(precisions: tuple[str, ...] = PRECISIONS) -> list[Plan]:
-    """Quantized DiTs are planned resident only: their torchao tensors are not moved between phases."""
+def candidate_plans(precisions: tuple[str, ...] = PRECISIONS, fused_experts: bool = True) -> list[Plan]:
+    """Quantized DiTs are planned resident only: their torchao tensors are not moved between phases. Decode
+    chunks matter only where experts are decoded (no Triton kernel)."""
     plans = []
     for placement in PLACEMENTS:
         for precision in precisions if placement == "resident" else ("bf16",):
-            for chunk in CHUNKS:
+            for chunk in CHUNKS[:1] if fused_experts else CHUNKS:
                 for tiling in (False, True):
                     for emb_cpu in (False, True):
                         plans.append(Plan(placement, precision, chunk, tiling, emb_cpu))
@@ -238,18 +259,20 @@ def plan_table(
     sizes: ComponentSizes | None = None,
     precisions: tuple[str, ...] = PRECISIONS,
     allowed: dict | None = None,
+    fused_experts: bool | None = None,
 ) -> list[Prediction]:
     """Every candidate plan (restricted by ``allowed`` overrides) with its prediction; the chosen one marked.
 
     Choice: fits (peak × margin ≤ budget), then fastest, then bf16 over quantized, then the simplest.
     """
     sizes = sizes or ComponentSizes.lens()
+    fused = fused_experts_default() if fused_experts is None else fused_experts
     allowed = {k: v for k, v in (allowed or {}).items() if v is not None}
     preds = []
-    for plan in candidate_plans(precisions):
+    for plan in candidate_plans(precisions, fused):
         if any(getattr(plan, k) != v for k, v in allowed.items()):
             continue
-        p = predict(plan, sizes, height, width, steps, cfg)
+        p = predict(plan, sizes, height, width, steps, cfg, fused_experts=fused)
         p.fits = p.peak_bytes * SAFETY <= budget
         preds.append(p)
     fitting = [p for p in preds if p.fits]
