@@ -24,7 +24,6 @@ import torch
 
 GIB = 2**30
 SIZES = {"1024 1:1": (1024, 1024), "1440 16:9": (1088, 1936)}
-BUDGETS = (None, 24, 16, 12, 8)
 
 
 def cell(root: str, budget: float | None, size: str, force_resident: bool) -> dict:
@@ -75,13 +74,16 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/lens-full")
     ap.add_argument("--json", default="memory.json")
     ap.add_argument("--cell", nargs=3, metavar=("BUDGET", "SIZE", "FORCE"), help=argparse.SUPPRESS)
+    ap.add_argument("--budgets", default="none,24,16,12,8", help="comma-separated GiB; 'none' = the resident baseline")
+    ap.add_argument("--no-forced", action="store_true", help="skip the forced-OOM cell")
     args = ap.parse_args()
     if args.cell:
         budget = None if args.cell[0] == "none" else float(args.cell[0])
         print("CELL " + json.dumps(cell(args.root, budget, args.cell[1], args.cell[2] == "1")), flush=True)
         return
     rows = []
-    jobs = [(b, s, False) for s in SIZES for b in BUDGETS] + [(23, "1440 16:9", True)]
+    budgets = [None if b == "none" else float(b) if "." in b else int(b) for b in args.budgets.split(",")]
+    jobs = [(b, s, False) for s in SIZES for b in budgets] + ([] if args.no_forced else [(23, "1440 16:9", True)])
     for budget, size, force in jobs:
         cmd = [sys.executable, __file__, "--root", args.root, "--cell", str(budget).lower(), size, str(int(force))]
         env = {**os.environ, "LENSRUN_CACHE_DIR": tempfile.mkdtemp(prefix="lensrun-cell-")}  # every cell encodes

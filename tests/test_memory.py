@@ -195,6 +195,8 @@ def test_stream_plan_runs_blocks_through_a_window(tiny_pipe):
         # The encoder has 4 layers: never more than the window of 2 on the device.
         assert layers.peak_window == 2 and len(layers.hosted) == 4
         assert sum(h.on_device for h in layers.hosted) <= 2
+        # Nothing prefetched for a next pass outlives its phase: the decode phase gets the memory.
+        assert not any(h.on_device for h in layers.hosted + blocks.hosted)
     finally:
         tiny_pipe.apply_plan(Plan())
     assert tiny_pipe.transformer.streamer is None

@@ -97,6 +97,15 @@ class Streamer:
     def after(self, i: int) -> None:
         self.hosted[i].unload()
 
+    def idle(self) -> None:
+        """End of a phase: drop what was prefetched for a next pass (the next phase needs the memory)."""
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for hosted in self.hosted:
+            if hosted.on_device:
+                hosted.unload()
+        self.ready.clear()
+
     def release(self) -> None:
         if self.copy_stream is not None:
             torch.cuda.synchronize(self.device)
@@ -172,14 +181,17 @@ class Placer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        hosted = self.hosted.get(self.PHASE_COMPONENT[name])
-        if hosted is None:
-            yield
-            return
-        hosted.load()
+        component = self.PHASE_COMPONENT[name]
+        hosted = self.hosted.get(component)
+        streamer = getattr(getattr(self.pipe, component), "streamer", None)
+        if hosted is not None:
+            hosted.load()
         try:
             yield
         finally:
-            hosted.unload()
-            gc.collect()
-            torch.cuda.empty_cache()
+            if hosted is not None:
+                hosted.unload()
+                gc.collect()
+                torch.cuda.empty_cache()
+            if streamer is not None:
+                streamer.idle()
