@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -43,20 +44,40 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/lens-full")
     ap.add_argument("--json", default="profile.json")
+    ap.add_argument("--precisions", default="bf16", help="comma-separated DiT precisions to profile, e.g. bf16,fp8")
+    ap.add_argument("--skip-attention-table", action="store_true")
     args = ap.parse_args()
-    report = {"gpu": torch.cuda.get_device_name(0), "attention": attention_table(), "forward": {}}
+    report = {"gpu": torch.cuda.get_device_name(0), "attention": [] if args.skip_attention_table else attention_table(),
+              "forward": {}}  # fmt: skip
     for r in report["attention"]:
         print(r, flush=True)
-    pipe = LensPipeline.from_pretrained(Path(args.root), dtype=torch.bfloat16, device="cuda").optimize(compile=True)
+    for precision in args.precisions.split(","):
+        profile_forward(Path(args.root), precision, report)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def profile_forward(root: Path, precision: str, report: dict) -> None:
+    """First-call (compile) time, graphs compiled, steady forward time and top kernels, at each grid."""
+    from torch._dynamo.utils import counters
+
+    pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, precision)
     text = [torch.randn(1, TEXT, 2880, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
-    for name, (gh, gw) in GRIDS.items():
+    for grid, (gh, gw) in GRIDS.items():
+        name = f"{precision} {grid}"
         x = torch.randn(1, gh * gw, 128, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode(), attention_kernels(torch.device("cuda")):
             cond = pipe.transformer.conditioning(t)
             run = lambda: pipe.transformer(x, text, None, t, [(1, gh, gw)], step_conditioning=cond)
-            for _ in range(3):
+            graphs = counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            for _ in range(2):
                 run()
+            new_graphs = counters["stats"]["unique_graphs"] - graphs
+            print(f"{name}: first call {first:.1f} s, {new_graphs} graph(s) compiled", flush=True)
             ms = do_bench(run, warmup=50, rep=300)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 run()
@@ -65,11 +86,13 @@ def main() -> None:
         total = sum(e.device_time_total for e in events)
         top = [{"kernel": e.key[:110], "us": e.device_time_total, "pct": 100 * e.device_time_total / total, "calls": e.count}
                for e in events[:18]]  # fmt: skip
-        report["forward"][name] = {"ms": ms, "kernel_us_total": total, "top": top}
+        report["forward"][name] = {"ms": ms, "kernel_us_total": total, "top": top, "first_call_s": first,
+                                   "graphs_compiled": new_graphs}  # fmt: skip
         print(f"\n{name}: compiled forward {ms:.2f} ms (kernels {total / 1000:.2f} ms)")
         for row in top:
             print(f"  {row['pct']:5.1f}%  {row['us'] / 1000:7.2f} ms  x{row['calls']:<4d} {row['kernel']}")
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    del pipe
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
