@@ -31,6 +31,7 @@ from lensrun.placement import Placer
 from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import DEFAULT_MODEL, OUTPUT_TYPES, TINY_MODEL, GenerationRequest, check_variant, infer_variant
+from lensrun.step_graph import StepGraphs
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
 
 
@@ -82,6 +83,8 @@ class LensPipeline:
         self.prompt_cache = prompt_cache or PromptCache(f"unnamed:{id(text_encoder)}")
         self.precision = "bf16"
         self.compiled = False
+        self.step_graphs = StepGraphs(self.transformer)
+        self.graph_steps = False  # denoising steps replayed as CUDA graphs (set with the encoder's graphs)
         self.placer: Placer | None = None
         self._device = transformer.img_in.weight.device
 
@@ -172,19 +175,22 @@ class LensPipeline:
         self.vae.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)
-        self._encoder_graphs()
+        self._reset_graphs()
         return self
 
-    def _encoder_graphs(self) -> None:
-        """Graph the encoder when compiled on CUDA and resident (a captured graph pins the weights' addresses,
-        which phased and streamed plans move); any re-placement drops the graphs captured so far."""
+    def _reset_graphs(self) -> None:
+        """CUDA graphs (encoder, denoising step) when compiled on CUDA and resident: a captured graph pins the
+        weights' addresses, which phased and streamed plans move; any re-placement drops the graphs so far."""
+        resident = self.compiled and self.device.type == "cuda" and self.plan.placement == "resident"
+        self.step_graphs.reset()
+        self.graph_steps = resident
         encoder = self.text_encoder
         if encoder is None:
             return
         encoder.reset_graphs()
         experts = [layer.mlp.experts for layer in encoder.layers]
         sync_free = all(e.fused or e.chunk >= e.gate_up_proj_blocks.shape[0] for e in experts)  # chunks sync
-        encoder.use_graphs = self.compiled and self.device.type == "cuda" and self.plan.placement == "resident" and sync_free
+        encoder.use_graphs = resident and sync_free
 
     def optimize(self, compile: bool = False, precision: str = "bf16") -> LensPipeline:
         """Quantize the DiT's block linears (torchao) and/or compile the hot paths; call once after loading.
@@ -207,7 +213,7 @@ class LensPipeline:
                 self.vae.to(memory_format=torch.channels_last)
                 self.vae.decoder.compile()
             self.compiled = True
-            self._encoder_graphs()
+            self._reset_graphs()
         return self
 
     def apply_plan(self, plan: Plan, device: str | torch.device | None = None) -> LensPipeline:
@@ -227,7 +233,7 @@ class LensPipeline:
         self.placer.apply()
         if plan.precision != self.precision:  # after placement: torchao quantizes the weights where they are
             self.optimize(compile=self.compiled, precision=plan.precision)
-        self._encoder_graphs()
+        self._reset_graphs()
         return self
 
     def run_planned(self, plans: list[Plan], notify: Callable[[str], None] | None = None, **call) -> LensPipelineOutput:
@@ -365,6 +371,10 @@ class LensPipeline:
         img_shapes = [(1, *req.grid)]
         sigmas, timesteps = self._schedule(req)
         conditioning = self.transformer.conditioning(timesteps)
+        if self.graph_steps and not req.cache:
+            with acceleration.attention_kernels(self.device):
+                sig = torch.tensor(sigmas, dtype=torch.float32, device=self.device)
+                return self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
         caches = [FirstBlockCache(req.cache), FirstBlockCache(req.cache)] if req.cache else [None, None]
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):
