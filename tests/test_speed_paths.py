@@ -92,3 +92,21 @@ def test_precision_checks_and_filter(tiny_pipe):
     assert "transformer_blocks.0.attn.img_qkv" in chosen and "transformer_blocks.1.img_mlp.w2" in chosen
     assert not any("_mod" in n or not n.startswith("transformer_blocks.") for n in chosen)
     assert len(chosen) == 2 * 10
+
+
+def test_a_step_graph_that_cannot_be_captured_falls_back_to_the_loop(tiny_pipe, monkeypatch):
+    """If capture fails (an op that syncs, a kernel that refuses capture), the image still comes out, from the
+    Python loop, with a warning; later images skip the graph attempt."""
+    small = dict(height=32, width=48, num_inference_steps=2, output_type="latent")
+    expected = tiny_pipe("a lantern", seed=4, **small).images
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(tiny_pipe.step_graphs, "_capture", refuse)
+    monkeypatch.setattr(tiny_pipe, "graph_steps", True)
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .*operation not permitted"):
+        out = tiny_pipe("a lantern", seed=4, **small).images
+    assert torch.equal(out, expected)
+    assert tiny_pipe.graph_steps is False and tiny_pipe.step_graphs.failed.startswith("RuntimeError")
+    tiny_pipe.step_graphs.reset()

@@ -374,7 +374,12 @@ class LensPipeline:
         if self.graph_steps and not req.cache:
             with acceleration.attention_kernels(self.device):
                 sig = torch.tensor(sigmas, dtype=torch.float32, device=self.device)
-                return self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
+                out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
+            if out is not None:
+                return out
+            warnings.warn(f"denoising steps could not be captured as a CUDA graph ({self.step_graphs.failed}); "
+                          "running them one by one", stacklevel=2)  # fmt: skip
+            self.graph_steps = False
         caches = [FirstBlockCache(req.cache), FirstBlockCache(req.cache)] if req.cache else [None, None]
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):

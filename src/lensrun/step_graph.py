@@ -44,11 +44,13 @@ class StepGraphs:
         self.transformer = transformer
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Static]] = {}
         self.pool = None
+        self.failed: str | None = None  # why a capture failed; no further tries until reset
 
     def reset(self) -> None:
         """Forget every graph (they hold weight addresses: call whenever weights move or change)."""
         self.graphs.clear()
         self.pool = None
+        self.failed = None
 
     def _step(self, s: _Static, grid: tuple[int, int], cfg: float) -> None:
         i = s.index
@@ -61,11 +63,20 @@ class StepGraphs:
         s.latents.copy_(euler_step(s.latents, v, s.sigmas.index_select(0, i), s.sigmas.index_select(0, i + 1)))
 
     def run(self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, grid, cfg, on_step=None):
-        """Every step of one image; returns the final latents."""
+        """Every step of one image; returns the final latents, or None when this model cannot be captured
+        (the caller then runs its Python loop; the reason is in ``self.failed``)."""
         steps = sigmas.numel() - 1
         key = (tuple(latents.shape), tuple(cond[0].shape), None if uncond is None else tuple(uncond[0].shape), grid, cfg, steps)
+        if self.failed is not None:
+            return None
         if key not in self.graphs:
-            self.graphs[key] = self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg)
+            try:
+                self.graphs[key] = self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg)
+            except RuntimeError as err:  # e.g. an op that syncs with the host: not capturable, loop instead
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                if latents.is_cuda:
+                    torch.cuda.synchronize()
+                return None
         graph, static = self.graphs[key]
         static.fill(latents, cond, uncond, conditioning, sigmas)
         for i in range(steps):
