@@ -243,3 +243,19 @@ def test_decoded_experts_need_decode_chunks_where_the_fused_kernel_does_not():
     plan, _ = memory.choose(24 * GIB, 1088, 1936, fused_experts=False)
     assert plan.name == "resident+bf16+enc-chunk8+vae-tiled"
     assert {p.encoder_chunk for p in memory.candidate_plans(fused_experts=True)} == {32}
+
+
+def test_compiled_pipelines_plan_for_their_cuda_graph_pools():
+    """Graph pools stay allocated after their phase: at 24 GiB, 1440² 16:9 compiled keeps the embedding table in
+    CPU memory to make room, and the prediction still fits the budget."""
+    sizes = memory.ComponentSizes.lens()
+    eager = memory.predict(Plan(vae_tiling=True), sizes, 1088, 1936)
+    graphed = memory.predict(Plan(vae_tiling=True), sizes, 1088, 1936, graphs=True)
+    assert graphed.phases["encode"] == eager.phases["encode"]
+    assert 0.5 * GIB < graphed.phases["decode"] - eager.phases["decode"] < 1.5 * GIB
+    plan, preds = memory.choose(24 * GIB, 1088, 1936, graphs=True)
+    assert plan.placement == "resident" and plan.precision == "bf16" and plan.embedding_on_cpu
+    assert next(p for p in preds if p.chosen).peak_bytes * memory.SAFETY <= 24 * GIB
+    assert memory.predict(Plan(placement="phased"), sizes, 1088, 1936, graphs=True).peak_bytes == memory.predict(
+        Plan(placement="phased"), sizes, 1088, 1936
+    ).peak_bytes

@@ -58,9 +58,10 @@ def plans_for(
     vram: str | float | None = None,
     placement: str | None = None,
     quantize: str | None = None,
+    compiled: bool = False,
 ) -> tuple[list[memory.Plan], str]:
     """The chosen plan and its OOM fallbacks for this device and budget (CPU: resident, no budget), and a
-    sentence saying what was chosen and why."""
+    sentence saying what was chosen and why. ``compiled``: the pipeline will be compiled (CUDA graph pools)."""
     memory.check_placement(placement)
     if quantize is not None:
         check_precision(quantize, device)
@@ -72,8 +73,9 @@ def plans_for(
     budget = memory.parse_budget(vram) or memory.available_budget(device)
     precisions = (quantize,) if quantize else memory.PRECISIONS
     plan, preds = memory.choose(
-        budget, height, width, steps=steps, cfg=cfg != 1.0, precisions=precisions, allowed={"placement": placement}
-    )
+        budget, height, width, steps=steps, cfg=cfg != 1.0, precisions=precisions, allowed={"placement": placement},
+        graphs=compiled,
+    )  # fmt: skip
     fallbacks = memory.fallbacks(plan, preds)[:2]
     chosen = next(p for p in preds if p.chosen)
     source = "--vram" if vram is not None else "free GPU memory"
@@ -100,13 +102,13 @@ def _memory_overrides(
 
 
 def _ready_pipeline(
-    model: str, variant: str, dtype: torch.dtype, device: torch.device, plans: list[memory.Plan], compile: bool | None
+    model: str, variant: str, dtype: torch.dtype, device: torch.device, plans: list[memory.Plan], compile: bool
 ) -> LensPipeline:
-    """Check the model folder, load (once per process), compile if asked (default: on CUDA)."""
+    """Check the model folder, load (once per process), compile if asked."""
     if str(model) != TINY_MODEL:
         loading.check_layout(loading.resolve_model(model))
     pipe = load_pipeline(str(model), variant, dtype, device, plans[0].precision)
-    if compile if compile is not None else device.type == "cuda":
+    if compile:
         pipe.optimize(compile=True)
     return pipe
 
@@ -167,7 +169,8 @@ def generate(
         prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
         template_date, cache=cache,
     )  # fmt: skip
-    plans, why = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize)
+    compile = compile if compile is not None else torch_device.type == "cuda"
+    plans, why = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize, compile)
     if notify is not None:
         notify(why)
     out = Path(out)
@@ -247,8 +250,10 @@ def plan_report(
     variant: str = "lens",
     placement: str | None = None,
     quantize: str | None = None,
+    compile: bool = True,
 ) -> str:
-    """The table of ``lensrun plan``: every plan's predicted peak and speed for this budget; no GPU needed."""
+    """The table of ``lensrun plan``: every plan's predicted peak and speed for this budget; no GPU needed.
+    ``compile`` as ``generate`` will run (its default on a GPU: compiled, with CUDA graph pools)."""
     req = GenerationRequest.build(
         "", None, height, width, base_resolution, aspect_ratio, steps, cfg, variant=variant, need_prompt=False
     )
@@ -257,7 +262,7 @@ def plan_report(
     precisions = (normalize_precision(quantize),) if quantize else memory.PRECISIONS
     preds = memory.plan_table(
         budget, req.height, req.width, steps=req.steps, cfg=req.cfg != 1.0, precisions=precisions,
-        allowed={"placement": placement},
+        allowed={"placement": placement}, graphs=compile,
     )  # fmt: skip
     head = f"Lens {variant}, {req.width}x{req.height}, {req.steps} steps, CFG {req.cfg:g}"
     if not any(p.chosen for p in preds):
@@ -306,7 +311,8 @@ def gallery(
     GenerationRequest.build("x", noise=noise, template_date=template_date, cache=cache)
     placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
     largest = max((g.entry_request(e.settings, "lens") for e in entries), key=lambda r: r.height * r.width)
-    plans, _ = plans_for(torch_device, largest.height, largest.width, 50, 5.0, vram, placement, quantize)
+    compile = compile if compile is not None else torch_device.type == "cuda"
+    plans, _ = plans_for(torch_device, largest.height, largest.width, 50, 5.0, vram, placement, quantize, compile)
     pipe = _ready_pipeline(model, variant or infer_variant(str(model)), torch_dtype, torch_device, plans, compile)
     pipe.apply_plan(plans[0], torch_device)
     summary = g.run_gallery(pipe, entries, out, show_progress=show_progress, common=common)

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--variant", choices=list(VARIANTS), default="lens")
     plan.add_argument("--placement", choices=list(PLACEMENTS), default=None)
     plan.add_argument("--quantize", choices=[*PRECISIONS, *PRECISION_ALIASES], default=None)
+    plan.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                      help="plan for a compiled run, as generate does on a GPU (CUDA graph pools)")  # fmt: skip
     return parser
 
 

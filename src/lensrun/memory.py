@@ -164,8 +164,11 @@ def predict(
     cfg: bool = True,
     text_tokens: int = 128,
     fused_experts: bool = True,
+    graphs: bool = False,
 ) -> Prediction:
-    """Peak VRAM per phase and an estimate of the time for one image under ``plan``."""
+    """Peak VRAM per phase and an estimate of the time for one image under ``plan``. ``graphs``: the pipeline
+    is compiled, so a resident plan replays the encoder and each step as CUDA graphs whose memory pools stay
+    allocated through the later phases."""
     tokens = (height // 16) * (width // 16)
     pixels = height * width
     dit = sizes.dit[plan.precision]
@@ -181,6 +184,10 @@ def predict(
     if plan.placement == "resident":
         weights = encoder + dit + sizes.vae
         phases = {"encode": weights + enc_extra, "denoise": weights + dit_extra, "decode": weights + vae_extra}
+        if graphs:  # the encoder's pool, then the step's (one forward per CFG branch), kept after their phase
+            step_pool = dit_extra * (2 if cfg else 1)
+            phases["denoise"] += enc_extra + step_pool
+            phases["decode"] += enc_extra + step_pool
     elif plan.placement == "stream":  # a window of blocks / layers on the GPU; small parts resident
         layer = sizes.encoder_body / sizes.encoder_layers
         block = (dit - sizes.dit_outside_blocks) / sizes.dit_blocks
@@ -260,6 +267,7 @@ def plan_table(
     precisions: tuple[str, ...] = PRECISIONS,
     allowed: dict | None = None,
     fused_experts: bool | None = None,
+    graphs: bool = False,
 ) -> list[Prediction]:
     """Every candidate plan (restricted by ``allowed`` overrides) with its prediction; the chosen one marked.
 
@@ -272,7 +280,7 @@ def plan_table(
     for plan in candidate_plans(precisions, fused):
         if any(getattr(plan, k) != v for k, v in allowed.items()):
             continue
-        p = predict(plan, sizes, height, width, steps, cfg, fused_experts=fused)
+        p = predict(plan, sizes, height, width, steps, cfg, fused_experts=fused, graphs=graphs)
         p.fits = p.peak_bytes * SAFETY <= budget
         preds.append(p)
     fitting = [p for p in preds if p.fits]
