@@ -122,13 +122,18 @@ def test_graphed_encoder_equals_eager_and_reuses_one_graph_per_bucket(gpu_pipe):
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0])
 def test_graphed_denoising_equals_the_python_loop(gpu_pipe, cfg):
-    """Steps replayed from one CUDA graph give the loop's latents; a second image refills the same graph."""
+    """The shape's second image is captured, later ones replay and refill it; all give the loop's latents."""
     gpu_pipe.apply_plan(Plan())
     run = lambda seed: gpu_pipe("a paper boat on a canal", seed=seed, guidance_scale=cfg, **SMALL).images
     eager = [run(1), run(2)]
     gpu_pipe.graph_steps = True
     try:
-        graphed = [run(1), run(2)]
+        loop_image = run(3)  # first sighting of the shape: the Python loop, nothing captured
+        assert not gpu_pipe.step_graphs.graphs
+        captured_image = run(3)  # second: captured, then replayed
+        assert len(gpu_pipe.step_graphs.graphs) == 1
+        torch.testing.assert_close(captured_image, loop_image, rtol=1e-4, atol=1e-4)
+        graphed = [run(1), run(2)]  # replays of that graph with other inputs
         assert len(gpu_pipe.step_graphs.graphs) == 1
     finally:
         gpu_pipe.apply_plan(Plan(placement="phased"))

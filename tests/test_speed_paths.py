@@ -1,5 +1,7 @@
 """The fast paths compute the same function as the reference path (CPU, fp32); caches are exact and keyed."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -103,10 +105,15 @@ def test_a_step_graph_that_cannot_be_captured_falls_back_to_the_loop(tiny_pipe, 
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(tiny_pipe.step_graphs, "_capture", refuse)
+    attempts = []
+    monkeypatch.setattr(tiny_pipe.step_graphs, "_capture", lambda *a: attempts.append(1) or refuse())
     monkeypatch.setattr(tiny_pipe, "graph_steps", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shape seen for the first time runs the loop, silently, no capture
+        first = tiny_pipe("a lantern", seed=4, **small).images
+    assert attempts == [] and tiny_pipe.graph_steps
     with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .*operation not permitted"):
-        out = tiny_pipe("a lantern", seed=4, **small).images
-    assert torch.equal(out, expected)
+        second = tiny_pipe("a lantern", seed=4, **small).images
+    assert attempts == [1] and torch.equal(first, expected) and torch.equal(second, expected)
     assert tiny_pipe.graph_steps is False and tiny_pipe.step_graphs.failed.startswith("RuntimeError")
     tiny_pipe.step_graphs.reset()

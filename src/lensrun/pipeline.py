@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 from lensrun import acceleration, loading
 from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
-from lensrun.models.text_encoder import LensTextEncoder
 from lensrun.memory import Plan
+from lensrun.models.text_encoder import LensTextEncoder
 from lensrun.models.transformer_lens import FirstBlockCache, LensTransformer2DModel
 from lensrun.placement import Placer
 from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import DEFAULT_MODEL, OUTPUT_TYPES, TINY_MODEL, GenerationRequest, check_variant, infer_variant
-from lensrun.step_graph import StepGraphs
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
+from lensrun.step_graph import StepGraphs
 
 
 @dataclass
@@ -377,6 +377,7 @@ class LensPipeline:
                 out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
             if out is not None:
                 return out
+        if self.graph_steps and self.step_graphs.failed is not None:
             warnings.warn(f"denoising steps could not be captured as a CUDA graph ({self.step_graphs.failed}); "
                           "running them one by one", stacklevel=2)  # fmt: skip
             self.graph_steps = False

@@ -3,7 +3,8 @@
 A compiled forward still pays ~1,000 Python-side launches and subclass unwraps per call (11.6 ms of a 43 ms fp8
 forward at 1024² on an H200, docs/performance.md); a replayed graph pays none. Everything the step reads lives
 in static buffers filled once per image (latents, text features, every step's modulation, sigmas); the step index
-is a device scalar, so a replay needs one tiny fill and no host sync. One graph per shape key; all share a pool.
+is a device scalar, so a replay needs one tiny fill and no host sync. One graph per shape key (captured when a
+shape comes a second time); all share a pool.
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ class _Static:
 class StepGraphs:
     """Captured denoising steps of one transformer, keyed by every shape and constant they bake in."""
 
+    MAX_GRAPHS = 4  # text lengths differ per prompt; keep the recent shapes only
+
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Static]] = {}
         self.pool = None
         self.failed: str | None = None  # why a capture failed; no further tries until reset
+        self.seen: set[tuple] = set()
 
     def reset(self) -> None:
         """Forget every graph (they hold weight addresses: call whenever weights move or change)."""
         self.graphs.clear()
         self.pool = None
         self.failed = None
+        self.seen.clear()
 
     def _step(self, s: _Static, grid: tuple[int, int], cfg: float) -> None:
         i = s.index
@@ -63,13 +68,19 @@ class StepGraphs:
         s.latents.copy_(euler_step(s.latents, v, s.sigmas.index_select(0, i), s.sigmas.index_select(0, i + 1)))
 
     def run(self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, grid, cfg, on_step=None):
-        """Every step of one image; returns the final latents, or None when this model cannot be captured
-        (the caller then runs its Python loop; the reason is in ``self.failed``)."""
+        """Every step of one image; returns the final latents, or None when the caller should run its Python
+        loop: the first time a shape is seen (a capture pays off only when the shape comes back: more images of
+        the prompt, a gallery, a server) or when this model cannot be captured (the reason in ``self.failed``)."""
         steps = sigmas.numel() - 1
         key = (tuple(latents.shape), tuple(cond[0].shape), None if uncond is None else tuple(uncond[0].shape), grid, cfg, steps)
         if self.failed is not None:
             return None
         if key not in self.graphs:
+            if key not in self.seen:  # a capture costs about a step's time: only shapes that come back get one
+                self.seen.add(key)
+                return None
+            while len(self.graphs) >= self.MAX_GRAPHS:  # oldest first: each holds its step's static inputs
+                self.graphs.pop(next(iter(self.graphs)))
             try:
                 self.graphs[key] = self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg)
             except RuntimeError as err:  # e.g. an op that syncs with the host: not capturable, loop instead
