@@ -152,6 +152,7 @@ class LensTextEncoder(nn.Module):
         self.use_graphs = False  # CUDA graphs per padded length; only while the weights stay put (resident)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
+        self._seen: set[tuple[int, int]] = set()
 
     @property
     def device(self) -> torch.device:
@@ -195,6 +196,9 @@ class LensTextEncoder(nn.Module):
         b, s, _ = hidden.shape
         length = -(-s // self.GRAPH_BUCKET) * self.GRAPH_BUCKET
         entry = self._graphs.get((b, length))
+        if entry is None and (b, length) not in self._seen:  # capturing costs ~3 runs: only for lengths that recur
+            self._seen.add((b, length))
+            return self._layers(hidden, attention_mask)
         if entry is None:
             static_hidden = hidden.new_zeros(b, length, hidden.shape[2])
             static_mask = attention_mask.new_zeros(b, length)
@@ -223,6 +227,7 @@ class LensTextEncoder(nn.Module):
         """Drop captured graphs: they hold the weights' addresses, which a new memory plan may change."""
         self._graphs.clear()
         self._graph_pool = None
+        self._seen.clear()
 
     def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         masks = self._masks(attention_mask)
