@@ -74,7 +74,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="baseline,fast-eager,compiled,fp8,compiled+cache")
     ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a CPU dry run of this script")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = ap.parse_args()
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = args.modes.split(",")
     root = Path(args.root)
@@ -93,7 +97,7 @@ def main() -> None:
     pipe = LensPipeline.from_pretrained(root, dtype=dtype, device=device)
     rename = {"steps": "num_inference_steps", "cfg": "guidance_scale"}
     cases_kw = {k: {rename.get(a, a): b for a, b in v.items()} | {"output_type": "pt"} for k, v in CASES.items()}
-    reqs = {k: GenerationRequest.build(PROMPT, seed=7, **v) for k, v in CASES.items()}
+    reqs = {k: GenerationRequest.build(PROMPT, seed=7, **v) for k, v in CASES.items() if k in args.cases.split(",")}
     cond = pipe.encode_one(PROMPT)
     empty = [f[:, :0] for f in cond]
     text_len = cond[0].shape[1]
