@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()  # without it, conftest.py has put Triton in interpreter mode
 
-from lensrun import mxfp4  # noqa: E402
-from lensrun.mxfp4_moe import grouped_matmul, tiles  # noqa: E402
+from lensrun import mxfp4
+from lensrun.mxfp4_moe import grouped_matmul, tiles
 
 DEVICE = "cuda" if CUDA else "cpu"
 SMALL_BLOCKS = dict(block_m=16, block_n=32, block_k=64)

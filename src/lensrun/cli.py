@@ -6,10 +6,10 @@ import argparse
 import sys
 import warnings
 
-from lensrun.errors import LensrunError
-from lensrun.prompting import DEFAULT_TEMPLATE_DATE
 from lensrun.acceleration import PRECISION_ALIASES, PRECISIONS
+from lensrun.errors import LensrunError
 from lensrun.memory import PLACEMENTS
+from lensrun.prompting import DEFAULT_TEMPLATE_DATE
 from lensrun.request import ASPECT_RATIOS, BASE_RESOLUTIONS, DEFAULT_MODEL, DTYPES, NOISE_SOURCES, TINY_MODEL, VARIANTS
 
 TINY_NOTICE = (
@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except LensrunError as err:
         print(f"lensrun: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr.close()
+        return 0
     for path in paths:
         _print_result(path)
     return 0
