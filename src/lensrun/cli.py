@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=list(DTYPES), default=None)
     srv.add_argument("--vram", default=None, help="GPU memory budget for the planner")
     srv.add_argument("--files", default=None, help="folder for generated images (default: a temp folder)")
+    srv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
 
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
     plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")

@@ -183,7 +183,9 @@ class Worker:
         plans = [self.pipe.plan]
         if device.type == "cuda":
             budget = memory.parse_budget(self.vram) if self.vram else memory.available_budget(device)
-            plan, preds = memory.choose(budget, p["height"], p["width"], steps=p["steps"], cfg=p["cfg"] != 1.0)
+            plan, preds = memory.choose(
+                budget, p["height"], p["width"], steps=p["steps"], cfg=p["cfg"] != 1.0, graphs=self.pipe.compiled
+            )
             plans = [plan, *memory.fallbacks(plan, preds)[:2]]
         out = self.pipe.run_planned(
             plans, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"], width=p["width"],
@@ -356,8 +358,9 @@ def host_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
           device: str | None = None, dtype: str | None = None, vram: str | None = None, files: str | None = None,
-          notify=print) -> None:  # fmt: skip
-    """Load the model once and serve it until interrupted."""
+          compile: bool | None = None, notify=print) -> None:  # fmt: skip
+    """Load the model once and serve it until interrupted. ``compile`` (default: on for CUDA) pays off most here:
+    repeated sizes replay the encoder and the denoising steps as CUDA graphs."""
     import tempfile
 
     import uvicorn
@@ -369,9 +372,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | 
         notify(warning)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    compile = compile if compile is not None else torch_device.type == "cuda"
     pipe = load_pipeline(model, None, torch_dtype, torch_device)
-    plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram)
+    plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram, compiled=compile)
     pipe.apply_plan(plans[0], torch_device)
+    if compile:
+        pipe.optimize(compile=True)
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
     app = create_app(pipe, folder, api_key=api_key, max_queue=max_queue, vram=vram)
     notify(f"lensrun serving {pipe.model_name} on http://{host}:{port} (images in {folder})")
