@@ -145,3 +145,25 @@ def test_graphed_denoising_equals_the_python_loop(gpu_pipe, cfg):
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(graphed[0], graphed[1])
+
+
+def test_server_plans_each_request_for_the_gpu(gpu_pipe, tmp_path):
+    """The server's CUDA branch: a budget, a plan per request (CUDA graph pools counted when compiled)."""
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lensrun.server import create_app
+
+    gpu_pipe.apply_plan(Plan())
+    with TestClient(create_app(gpu_pipe, tmp_path, vram="8GB")) as client:
+        r = client.post("/v1/images/generations",
+                        json={"prompt": "a kite", "size": "96x64", "response_format": "b64_json", "steps": 2, "seed": 1})  # fmt: skip
+    gpu_pipe.apply_plan(Plan())
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert image.size == (96, 64)
+    assert json.loads(image.text["lensrun-report"])["plan"].startswith("stream+bf16")
