@@ -213,7 +213,7 @@ class LensPipeline:
                 self.vae.to(memory_format=torch.channels_last)
                 self.vae.decoder.compile()
             self.compiled = True
-            self._reset_graphs()
+        self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self
 
     def apply_plan(self, plan: Plan, device: str | torch.device | None = None) -> LensPipeline:
