@@ -35,6 +35,11 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return check_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
+def resolve_compile(compile: bool | None, device: torch.device) -> bool:
+    """The asked choice, or compiled on CUDA (where CUDA graphs then pay off) and eager on the CPU."""
+    return compile if compile is not None else device.type == "cuda"
+
+
 def load_pipeline(
     model: str, variant: str | None, dtype: torch.dtype, device: torch.device, precision: str = "bf16"
 ) -> LensPipeline:
@@ -169,7 +174,7 @@ def generate(
         prompt, negative_prompt, height, width, base_resolution, aspect_ratio, steps, cfg, n, seed, noise, variant,
         template_date, cache=cache,
     )  # fmt: skip
-    compile = compile if compile is not None else torch_device.type == "cuda"
+    compile = resolve_compile(compile, torch_device)
     plans, why = plans_for(torch_device, req.height, req.width, req.steps, req.cfg, vram, placement, quantize, compile)
     if notify is not None:
         notify(why)
@@ -311,7 +316,7 @@ def gallery(
     GenerationRequest.build("x", noise=noise, template_date=template_date, cache=cache)
     placement, quantize = _memory_overrides(placement, quantize, offload, quant_transformer)
     largest = max((g.entry_request(e.settings, "lens") for e in entries), key=lambda r: r.height * r.width)
-    compile = compile if compile is not None else torch_device.type == "cuda"
+    compile = resolve_compile(compile, torch_device)
     plans, _ = plans_for(torch_device, largest.height, largest.width, 50, 5.0, vram, placement, quantize, compile)
     pipe = _ready_pipeline(model, variant or infer_variant(str(model)), torch_dtype, torch_device, plans, compile)
     pipe.apply_plan(plans[0], torch_device)

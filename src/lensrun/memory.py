@@ -14,7 +14,6 @@ at once, plus the decode's index temporaries ≈ 10× the layer's packed experts
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +21,7 @@ import torch
 
 from lensrun.acceleration import PRECISIONS, quantizable
 from lensrun.errors import LensrunError
+from lensrun.mxfp4 import fused_kernel_available
 
 GIB = 2**30
 DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348
@@ -152,7 +152,7 @@ def _dit_flops(tokens: int, text: int, blocks: int, width: int) -> float:
 def fused_experts_default() -> bool:
     """Whether the GPU being planned for runs the encoder's experts through the Triton kernel: yes where Triton
     is installed, and when planning from a machine without CUDA (CUDA builds of torch ship Triton)."""
-    return importlib.util.find_spec("triton") is not None or not torch.cuda.is_available()
+    return fused_kernel_available() or not torch.cuda.is_available()
 
 
 def predict(

@@ -365,14 +365,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | 
 
     import uvicorn
 
-    from lensrun.api import load_pipeline, plans_for, resolve_device, resolve_dtype
+    from lensrun.api import load_pipeline, plans_for, resolve_compile, resolve_device, resolve_dtype
 
     warning = host_warning(host, api_key)
     if warning:
         notify(warning)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    compile = compile if compile is not None else torch_device.type == "cuda"
+    compile = resolve_compile(compile, torch_device)
     pipe = load_pipeline(model, None, torch_dtype, torch_device)
     plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram, compiled=compile)
     pipe.apply_plan(plans[0], torch_device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lensrun.cuda_graphs import capture
 from lensrun.models.transformer_lens import StepConditioning
 from lensrun.sampling import euler_step, guided_velocity
 
@@ -104,15 +105,7 @@ class StepGraphs:
             [(a.clone(), b.clone()) for a, b in conditioning.mods], sigmas.clone(),
             torch.zeros(1, dtype=torch.long, device=latents.device),
         )  # fmt: skip
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture: compilation, RoPE tables, cuBLAS/cuDNN plans
-            for _ in range(2):
-                self._step(static, grid, cfg)
-        torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._step(static, grid, cfg)
+        graph, _ = capture(lambda: self._step(static, grid, cfg), self.pool)  # the step writes static.latents
         return graph, static

@@ -17,6 +17,7 @@ from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer, GptOssRotaryEmbedding
 
 from lensrun import mxfp4
+from lensrun.cuda_graphs import capture
 
 
 class Mxfp4Experts(nn.Module):
@@ -203,17 +204,9 @@ class LensTextEncoder(nn.Module):
             static_hidden = hidden.new_zeros(b, length, hidden.shape[2])
             static_mask = attention_mask.new_zeros(b, length)
             static_hidden[:, :s], static_mask[:, :s] = hidden, attention_mask
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (compiles, cuBLAS handles, workspaces)
-                for _ in range(2):
-                    self._layers(static_hidden, static_mask)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._graph_pool is None:
+            if self._graph_pool is None:  # graphs never run at once: one pool for all
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs never run at once: one pool for all
-                outputs = self._layers(static_hidden, static_mask)
+            graph, outputs = capture(lambda: self._layers(static_hidden, static_mask), self._graph_pool)
             entry = self._graphs[(b, length)] = (graph, static_hidden, static_mask, outputs)
         graph, static_hidden, static_mask, outputs = entry
         static_hidden.zero_()
