@@ -6,6 +6,10 @@ compiled fp8 (torchao dynamic per-row), compiled + step cache. Same weights, pro
 each mode's decoded image against the baseline's.
 
     python benchmarks/speed.py --root /tmp/lens-full --json $OUT/speed.json
+
+A full run exceeds one 10-minute device command (fp8 compiles for minutes), so it can be split: every split
+names the same ``--json`` and ``--reference`` file on the same machine; rows are appended, the baseline's decoded
+images are kept in the reference file (safetensors) for later splits' PSNR, and the table shows every row so far.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lensrun import LensPipeline, __version__
 from lensrun.decoding import decode_tokens
@@ -75,6 +80,8 @@ def main() -> None:
     ap.add_argument("--modes", default="baseline,fast-eager,compiled,fp8,compiled+cache")
     ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a CPU dry run of this script")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--reference", default="speed-reference.safetensors", help="baseline images, kept between splits")
+    ap.add_argument("--append", action="store_true", help="add rows to --json instead of starting it afresh")
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -84,11 +91,14 @@ def main() -> None:
     root = Path(args.root)
     if not (root / "model_index.json").exists():
         write_checkpoint(root, size=args.size, seed=0, device=device)
-    report = {
-        "info": {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__, "lensrun": __version__,
-                 "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats},
-        "rows": [],
-    }  # fmt: skip
+    info = {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
+            "lensrun": __version__, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}  # fmt: skip
+    report = {"info": info, "splits": [], "rows": []}
+    if args.append and Path(args.json).exists():
+        report = json.loads(Path(args.json).read_text())
+        if report["info"]["gpu"] != info["gpu"]:
+            raise SystemExit(f"--append: {args.json} was measured on {report['info']['gpu']}, this is {info['gpu']}")
+    report["splits"].append({"modes": args.modes, "cases": args.cases, "started": time.strftime("%H:%M:%S")})
 
     def save():
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -102,7 +112,10 @@ def main() -> None:
     empty = [f[:, :0] for f in cond]
     text_len = cond[0].shape[1]
     noise = {k: pipe.initial_noise(7, r.grid) for k, r in reqs.items()}
+    reference_file = Path(args.reference)
     reference_images: dict[str, torch.Tensor] = {}
+    if reference_file.exists() and "baseline" not in modes:
+        reference_images = {k: v.to(device) for k, v in load_file(reference_file).items()}
     log(f"loaded; prompt is {text_len} tokens")
 
     def run_mode(mode: str, p: LensPipeline) -> None:
@@ -116,11 +129,12 @@ def main() -> None:
             else:
                 stats: dict = {}
                 fn = lambda: p.denoise(noise[case], cond, uncond, r, stats=stats)
-            warm_t, _ = timed(fn, 1)
+            warm_t, _ = timed(fn, 2)  # the second warm-up is where a compiled run captures its step graph
             times, latents = timed(fn, args.repeats)
             image = decode_tokens(p.vae, latents, r.grid)
             if mode == "baseline":
                 reference_images[case] = image
+                save_file({k: v.contiguous().cpu() for k, v in reference_images.items()}, reference_file)
             n = r.grid[0] * r.grid[1]
             flops = r.steps * (forward_flops(n, text_len) + (forward_flops(n, 0) if r.cfg != 1.0 else 0))
             med = statistics.median(times)
