@@ -38,6 +38,25 @@ def test_compiled_blocks_equal_eager(tiny_checkpoint):
     assert compiled.compiled and (a - b).abs().max() <= 1e-4
 
 
+def test_compiled_blocks_compile_once_for_every_prompt_length_and_resolution(tiny_checkpoint):
+    """Token counts are symbolic from the first compilation: new prompt lengths and grids reuse its graph; only an
+    empty text (the unconditional branch) gets a second one."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lensrun import LensPipeline
+
+    pipe = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    counter = CompileCounter()
+    pipe.transformer.compile_blocks(backend=counter)
+    eager = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    cases = [("a fox", 32, 48, 4.0), ("a red fox in the snow at dawn, wide shot", 32, 48, 4.0), ("a fox", 64, 32, 1.0)]
+    for prompt, h, w, cfg in cases:
+        kw = dict(seed=3, num_inference_steps=2, guidance_scale=cfg, output_type="latent", height=h, width=w)
+        got, want = pipe(prompt, **kw).images, eager(prompt, **kw).images
+        assert (got - want).abs().max() <= 1e-5
+    assert counter.frame_count == 2
+
+
 def test_prompt_cache_memory_and_disk(tiny_pipe, tmp_path):
     cache = PromptCache("enc-A", tmp_path)
     key = cache.key("a fox", "2026-05-23", 512, torch.float32)

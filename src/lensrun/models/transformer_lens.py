@@ -259,6 +259,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
+        self._compiled_blocks = False
 
     def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
         """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
@@ -282,9 +283,20 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         return self._rope_cache[key]
 
     def compile_blocks(self, **options) -> None:
-        """Regional compilation: one compiled graph serves all blocks (they share code and shapes)."""
+        """Regional compilation: one compiled graph serves all blocks (they share code and shapes).
+
+        Token counts are compiled as symbolic sizes from the first call (``_symbolic_tokens``): otherwise a prompt
+        of a new length, or a new resolution, recompiles once more (seconds in bf16, over a minute in fp8)."""
         for block in self.transformer_blocks:
             block.compile(**options)
+        self._compiled_blocks = True
+
+    def _symbolic_tokens(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Mark the image and text token dimensions of block 0's inputs as varying, for a compiled block's first
+        compilation (later blocks get tensors of the same sizes; a text length of 0 still gets its own graph)."""
+        if self._compiled_blocks:
+            for t, dim in ((x, 1), (c, 1), (cos, 0), (sin, 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
     def _block(self, i: int, x, c, cond: StepConditioning, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i, with the weight streamer (if a memory plan set one) told before and after."""
@@ -312,6 +324,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         x0 = self.img_in(hidden_states.to(dtype))
         states = [(x0, self.embed_text(features)) for features in branches]
         ropes = [self.rope((gh, gw), c.shape[1], x0.device) for _, c in states]
+        for (x, c), (cos, sin) in zip(states, ropes, strict=True):
+            self._symbolic_tokens(x, c, cos, sin)
         for i in range(len(self.transformer_blocks)):
             if self.streamer is not None:
                 self.streamer.before(i)
@@ -362,6 +376,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                 dim=1,
             )
             mask = keys[:, None, None, :]
+        self._symbolic_tokens(x, c, cos, sin)
         x, c = self._block(0, x, c, cond, cos, sin, mask)
         if block_cache is not None and block_cache.can_skip(x):
             x = block_cache.skip(x)
