@@ -147,7 +147,7 @@ def main() -> None:
                 cached, out = timed(lambda: p(PROMPT, seed=7, cache=r.cache, **cases_kw[case]), 2)
                 timings = out.timings
             row = {
-                "mode": mode, "case": case, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0],
+                "mode": mode, "case": case, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
                 "e2e_first_new_prompt_s": first_new[0], "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
