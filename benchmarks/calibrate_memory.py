@@ -18,6 +18,7 @@ import torch
 
 from lensrun import LensPipeline
 from lensrun.decoding import decode_tokens
+from lensrun.random_checkpoint import ensure_checkpoint
 
 GRIDS = [(64, 64), (68, 121), (90, 90)]  # 1024², 1440² 16:9 (1088×1936), 1440² 1:1
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--json", default="calibration.json")
     ap.add_argument("--compiled", action="store_true", help="also measure the compiled DiT")
     args = ap.parse_args()
+    ensure_checkpoint(args.root, device="cuda")
     pipe = LensPipeline.from_pretrained(Path(args.root), dtype=torch.bfloat16, device="cuda")
     out: dict = {"gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "dit": [], "encoder": [], "vae": []}
     weights = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lensrun import LensPipeline, __version__
-from lensrun.random_checkpoint import write_checkpoint
+from lensrun.random_checkpoint import ensure_checkpoint
 
 CASES = [  # (label, generate kwargs)
     ("Lens 1024² 1:1, 20 steps, CFG 5", dict(base_resolution=1024, aspect_ratio="1:1")),
@@ -47,9 +47,8 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    if not (root / "model_index.json").exists():
-        t0 = time.perf_counter()
-        write_checkpoint(root, size="full", seed=0, device="cuda")
+    t0 = time.perf_counter()
+    if ensure_checkpoint(root, device="cuda"):
         info["write_checkpoint_s"] = time.perf_counter() - t0
         torch.cuda.empty_cache()
     info["checkpoint_gib"] = gib(sum(f.stat().st_size for f in root.rglob("*") if f.is_file()))

@@ -21,7 +21,7 @@ import torch
 
 from lensrun import LensPipeline, mxfp4
 from lensrun.mxfp4_moe import grouped_matmul
-from lensrun.random_checkpoint import write_checkpoint
+from lensrun.random_checkpoint import ensure_checkpoint
 
 CONFIGS = [  # block_m, block_n, block_k, warps, stages
     (16, 128, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
@@ -116,8 +116,7 @@ def main() -> None:
     ap.add_argument("--json", default="encoder.json")
     args = ap.parse_args()
     root = Path(args.root)
-    if not (root / "model_index.json").exists():
-        write_checkpoint(root, size="full", seed=0, device="cuda")
+    ensure_checkpoint(root, device="cuda")
     report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "kernels": {}, "encoder": []}  # fmt: skip
     kernels(report)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lensrun import api
 import lensrun.gallery as g
-from lensrun.random_checkpoint import write_checkpoint
+from lensrun import api
+from lensrun.random_checkpoint import ensure_checkpoint
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = args.model or args.root
-    if args.model is None and not (Path(args.root) / "model_index.json").exists():
-        write_checkpoint(args.root, size="full", device="cuda" if cuda else "cpu")
+    if args.model is None:
+        ensure_checkpoint(args.root, device="cuda" if cuda else "cpu")
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram * 2**30 / total), 0)

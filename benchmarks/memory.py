@@ -81,6 +81,9 @@ def main() -> None:
         budget = None if args.cell[0] == "none" else float(args.cell[0])
         print("CELL " + json.dumps(cell(args.root, budget, args.cell[1], args.cell[2] == "1")), flush=True)
         return
+    from lensrun.random_checkpoint import ensure_checkpoint
+
+    ensure_checkpoint(args.root, device="cuda")
     rows = []
     budgets = [None if b == "none" else float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     jobs = [(b, s, False) for s in SIZES for b in budgets] + ([] if args.no_forced else [(23, "1440 16:9", True)])

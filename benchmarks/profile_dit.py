@@ -18,6 +18,7 @@ from triton.testing import do_bench
 
 from lensrun import LensPipeline
 from lensrun.acceleration import attention_kernels
+from lensrun.random_checkpoint import ensure_checkpoint
 
 GRIDS = {"1024": (64, 64), "1440-16:9": (68, 121)}
 TEXT = 100
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16", help="comma-separated DiT precisions to profile, e.g. bf16,fp8")
     ap.add_argument("--skip-attention-table", action="store_true")
     args = ap.parse_args()
+    ensure_checkpoint(args.root, device="cuda")
     report = {"gpu": torch.cuda.get_device_name(0), "attention": [] if args.skip_attention_table else attention_table(),
               "forward": {}}  # fmt: skip
     for r in report["attention"]:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lensrun import LensPipeline, __version__
 from lensrun.decoding import decode_tokens
-from lensrun.random_checkpoint import write_checkpoint
+from lensrun.random_checkpoint import ensure_checkpoint
 from lensrun.request import GenerationRequest
 
 PEAK_TFLOPS = 790.0
@@ -89,8 +89,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = args.modes.split(",")
     root = Path(args.root)
-    if not (root / "model_index.json").exists():
-        write_checkpoint(root, size=args.size, seed=0, device=device)
+    ensure_checkpoint(root, size=args.size, device=device)
     info = {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "lensrun": __version__, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}  # fmt: skip
     report = {"info": info, "splits": [], "rows": []}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lensrun import LensPipeline
-from lensrun.random_checkpoint import write_checkpoint
+from lensrun.random_checkpoint import ensure_checkpoint
 from lensrun.request import GenerationRequest
 
 PROMPT = "A cinematic film still of a lone astronaut on a red desert dune at dusk, two distant moons"
@@ -42,8 +42,7 @@ def main() -> None:
     ap.add_argument("--json", default="graphs.json")
     args = ap.parse_args()
     root = Path(args.root)
-    if not (root / "model_index.json").exists():
-        write_checkpoint(root, size="full", seed=0, device="cuda")
+    ensure_checkpoint(root, device="cuda")
     t0 = time.perf_counter()
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, args.precision)
     req = GenerationRequest.build(PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0)

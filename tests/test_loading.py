@@ -110,3 +110,17 @@ def test_missing_key_named(tiny_checkpoint, tmp_path):
     save_file(tensors, shard)
     with pytest.raises(LensrunError, match=f"weight '{victim}' is missing"):
         LensPipeline.from_pretrained(root)
+
+
+def test_ensure_checkpoint_reuses_only_a_complete_folder(tmp_path):
+    """model_index.json is written last, so a folder cut short while writing is written again, not loaded."""
+    from lensrun.random_checkpoint import ensure_checkpoint
+
+    root = tmp_path / "ck"
+    assert ensure_checkpoint(root, size="tiny")
+    stamp = (root / "vae" / "config.json").stat().st_mtime_ns
+    assert not ensure_checkpoint(root, size="tiny")
+    assert (root / "vae" / "config.json").stat().st_mtime_ns == stamp
+    (root / "model_index.json").unlink()  # as if the writer had been killed before finishing
+    assert ensure_checkpoint(root, size="tiny")
+    assert LensPipeline.from_pretrained(root, dtype=torch.float32, device="cpu").transformer is not None

@@ -223,8 +223,6 @@ def write_checkpoint(
     te_cfg = TINY_TEXT_ENCODER_CONFIG if tiny else FULL_TEXT_ENCODER_CONFIG
     vae_cfg = TINY_VAE_CONFIG if tiny else FULL_VAE_CONFIG
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
-
     parts = [
         ("transformer", transformer_meta_state(t_cfg), torch.float32, "diffusion_pytorch_model",
          {"_class_name": "LensTransformer2DModel", **t_cfg}),
@@ -240,4 +238,14 @@ def write_checkpoint(
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(LENS_SCHEDULER_CONFIG, indent=1))
     # The o200k_harmony vocabulary cannot be shipped here; the small tokenizer's ids index the same embedding.
     tiny_tokenizer().save_pretrained(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))  # last: marks a complete folder
     return root
+
+
+def ensure_checkpoint(root: str | Path, size: str = "full", seed: int = 0, device: str = "cpu") -> bool:
+    """Write the random checkpoint unless a complete one is already there (benchmarks reuse it between runs);
+    True when it was written now."""
+    if (Path(root) / "model_index.json").exists():
+        return False
+    write_checkpoint(root, size=size, seed=seed, device=device)
+    return True
