@@ -153,6 +153,8 @@ def main() -> None:
                 "encode_cached_s": timings.get("encode"), "decode_s": timings.get("decode"),
                 "psnr_vs_baseline_db": psnr(image, reference_images[case]) if case in reference_images else None,
                 "cache_skipped": stats.get("cache_skipped") if mode != "baseline" else None,
+                "step_graphs": None if mode == "baseline" else
+                {"on": p.graph_steps, "captured": len(p.step_graphs.graphs), "failed": p.step_graphs.failed},
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
             }  # fmt: skip
             report["rows"].append(row)
