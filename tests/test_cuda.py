@@ -75,7 +75,8 @@ def test_fused_experts_match_decoded_experts_at_full_size():
     """The Triton kernel path of a full-size GPT-OSS expert layer equals decode-then-matmul (bf16)."""
     from lensrun import mxfp4
     from lensrun.models.text_encoder import Mxfp4Experts
-    from lensrun.random_checkpoint import FULL_TEXT_ENCODER_CONFIG, gpt_oss_config
+    from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
+    from lensrun.models.text_encoder import gpt_oss_config
 
     config = gpt_oss_config(FULL_TEXT_ENCODER_CONFIG)
     experts = Mxfp4Experts(config).cuda()

@@ -14,24 +14,7 @@ import torch
 from torch import nn
 
 from lensrun.errors import LensrunError
-
-PRECISIONS = ("bf16", "fp8", "fp8-weight", "int8-weight", "int4-weight")
-# Aliases users know from the field report / torchao names.
-PRECISION_ALIASES = {
-    "float8_weight_only": "fp8-weight",
-    "int8_weight_only": "int8-weight",
-    "int4_weight_only": "int4-weight",
-    "float8_dynamic": "fp8",
-    "none": "bf16",
-}
-
-
-def normalize_precision(precision: str) -> str:
-    precision = PRECISION_ALIASES.get(precision, precision)
-    if precision not in PRECISIONS:
-        raise LensrunError(f"unknown DiT precision '{precision}': choose one of {', '.join(PRECISIONS)}")
-    return precision
-
+from lensrun.request import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 - re-exported
 
 def check_precision(precision: str, device: torch.device) -> str:
     """Refuse, with the reason, precisions this machine cannot run; returns the canonical name."""

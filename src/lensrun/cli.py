@@ -1,4 +1,5 @@
-"""``lensrun`` command line: a thin layer over ``lensrun.api`` (one option = one keyword)."""
+"""``lensrun`` command line: parses and calls ``lensrun.api``. Every option flag is derived from the option
+definitions in ``lensrun.request`` (one option = one flag = one API keyword)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,8 @@ import argparse
 import sys
 import warnings
 
-from lensrun.acceleration import PRECISION_ALIASES, PRECISIONS
 from lensrun.errors import LensrunError
-from lensrun.memory import PLACEMENTS
-from lensrun.prompting import DEFAULT_TEMPLATE_DATE
-from lensrun.request import ASPECT_RATIOS, BASE_RESOLUTIONS, DEFAULT_MODEL, DTYPES, NOISE_SOURCES, TINY_MODEL, VARIANTS
+from lensrun.request import TINY_MODEL, EngineOptions, GenerationRequest, OptionSpec, option_specs
 
 TINY_NOTICE = (
     "note: --model tiny-random is a tiny model with random weights built in-process; its images are noise. "
@@ -18,46 +16,43 @@ TINY_NOTICE = (
 )
 
 
-def _generation_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and `gallery` (for a gallery they are defaults under the file's own)."""
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"folder or Hub repo id, or '{TINY_MODEL}'")
-    p.add_argument("--variant", choices=list(VARIANTS), default=None, help="default: inferred from --model")
-    p.add_argument("--base-resolution", type=int, default=None, help=f"one of {list(BASE_RESOLUTIONS)}")
-    p.add_argument("--aspect-ratio", default=None, help=f"one of {', '.join(ASPECT_RATIOS)}")
-    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (with --width)")
-    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (with --height)")
-    p.add_argument("--steps", type=int, default=None, help="default: the variant's preset")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale; default: the variant's preset")
-    p.add_argument("--seed", type=int, default=None, help="-1 or absent: random (the drawn seed is recorded)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--noise", choices=list(NOISE_SOURCES), default="cpu", help="where the seed's noise is drawn")
-    p.add_argument("--template-date", default=DEFAULT_TEMPLATE_DATE, help="date written into the chat template")
-    p.add_argument("--vram", default=None, help="GPU memory budget, e.g. 24GB (default: what is free now)")
-    p.add_argument("--placement", choices=list(PLACEMENTS), default=None, help="override the planner's placement")
-    precisions = [*PRECISIONS, *PRECISION_ALIASES]
-    p.add_argument("--quantize", choices=precisions, default=None, help="override the DiT precision")
-    p.add_argument("--offload", action="store_true", help="same as --placement offload")
-    p.add_argument("--quant_transformer", choices=precisions, default=None, help="same as --quantize")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--cache", type=float, default=None, help="step-cache threshold (opt-in, e.g. 0.05; not Turbo)")
+def _add(p: argparse.ArgumentParser, spec: OptionSpec, **overrides) -> None:
+    """One option as a flag; an absent flag leaves the option at its definition's default."""
+    kw: dict = {"default": argparse.SUPPRESS, "help": spec.help, "dest": spec.name}
+    if spec.type is bool:
+        kw["action"] = "store_true" if spec.default is False else argparse.BooleanOptionalAction
+    else:
+        kw["type"] = spec.type
+        if spec.repeated:
+            kw["action"] = "append"
+        if spec.choices:
+            kw["choices"] = list(spec.choices)
+    kw.update(overrides)
+    p.add_argument(spec.flag, **kw)
+
+
+def _options(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
+    for spec in option_specs(cls):
+        if spec.name not in skip and (only is None or spec.name in only):
+            _add(p, spec)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lensrun", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    prompt = next(s for s in option_specs(GenerationRequest) if s.name == "prompt")
 
     gen = sub.add_parser("generate", help="generate images from prompts")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    _add(gen, prompt, required=True, default=None)
     gen.add_argument("--out", default="outputs", help="output folder")
-    _generation_options(gen)
+    _options(gen, GenerationRequest, skip=("prompt",))
+    _options(gen, EngineOptions)
 
     gal = sub.add_parser("gallery", help="render a prompt file (TOML, JSON or text) to a resumable captioned gallery")
     gal.add_argument("file", help="TOML/JSON ([defaults] + [[image]] entries) or text (one prompt per line)")
     gal.add_argument("--out", required=True, help="gallery folder (images, manifest.jsonl, index.html)")
-    _generation_options(gal)
+    _options(gal, GenerationRequest, skip=("prompt",))
+    _options(gal, EngineOptions)
 
     rep = sub.add_parser("replay", help="regenerate an image from its PNG, or from a gallery's manifest.jsonl row")
     rep.add_argument("image", help="a lensrun PNG or a gallery's manifest.jsonl")
@@ -67,30 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--device", default=None)
 
     srv = sub.add_parser("serve", help="serve the model: OpenAI-compatible Images API, job queue, web page")
-    srv.add_argument("--model", default=DEFAULT_MODEL)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=7860)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     srv.add_argument("--max-queue", type=int, default=16, help="jobs waiting at most; more get 429")
-    srv.add_argument("--device", default=None)
-    srv.add_argument("--dtype", choices=list(DTYPES), default=None)
-    srv.add_argument("--vram", default=None, help="GPU memory budget for the planner")
     srv.add_argument("--files", default=None, help="folder for generated images (default: a temp folder)")
-    srv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    _options(srv, EngineOptions)
 
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
     plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")
-    plan.add_argument("--base-resolution", type=int, default=None)
-    plan.add_argument("--aspect-ratio", default=None)
-    plan.add_argument("--height", type=int, default=None)
-    plan.add_argument("--width", type=int, default=None)
-    plan.add_argument("--steps", type=int, default=None)
-    plan.add_argument("--cfg", type=float, default=None)
-    plan.add_argument("--variant", choices=list(VARIANTS), default="lens")
-    plan.add_argument("--placement", choices=list(PLACEMENTS), default=None)
-    plan.add_argument("--quantize", choices=[*PRECISIONS, *PRECISION_ALIASES], default=None)
+    _options(plan, GenerationRequest, only=("variant", "base_resolution", "aspect_ratio", "height", "width", "steps", "cfg"))
+    _options(plan, EngineOptions, only=("placement", "quantize"))
     plan.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                      help="plan for a compiled run, as generate does on a GPU (CUDA graph pools)")  # fmt: skip
+                      help="plan for a compiled run (CUDA graph pools kept after their phase)")  # fmt: skip
     return parser
 
 
@@ -103,41 +87,38 @@ def _print_result(path) -> None:
     print(f"{path}  plan={report.get('plan')}{peak} {seconds}")
 
 
+def _notify(message: str) -> None:
+    print(f"lensrun: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k != "command"}
     from lensrun import api
 
     try:
+        if kwargs.get("model") == TINY_MODEL:
+            print(TINY_NOTICE, file=sys.stderr)
         if args.command == "generate":
-            if args.model == TINY_MODEL:
-                print(TINY_NOTICE, file=sys.stderr)
-            kwargs = vars(args)
-            del kwargs["command"]
             prompts = kwargs.pop("prompt")
-            notify = lambda msg: print(f"lensrun: {msg}", file=sys.stderr)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", UserWarning)
                 paths = api.generate(
-                    prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=notify, **kwargs
+                    prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=_notify, **kwargs
                 )
         elif args.command == "serve":
             from lensrun.server import serve
 
-            serve(**{k: v for k, v in vars(args).items() if k != "command"})
+            serve(**kwargs)
             return 0
         elif args.command == "replay":
-            paths = [
-                api.replay(args.image, out=args.out, model=args.model, device=args.device, entry=args.entry, show_progress=True)
-            ]
+            paths = [api.replay(kwargs.pop("image"), show_progress=True, notify=_notify, **kwargs)]
         elif args.command == "gallery":
-            kwargs = {k: v for k, v in vars(args).items() if k != "command"}
-            if kwargs["model"] == TINY_MODEL:
-                print(TINY_NOTICE, file=sys.stderr)
-            summary = api.gallery(kwargs.pop("file"), show_progress=True, **kwargs)
+            summary = api.gallery(kwargs.pop("file"), show_progress=True, notify=_notify, **kwargs)
             print(f"done {summary['done']}, skipped {summary['skipped']}, failed {summary['failed']} — {summary['index']}")
             return 1 if summary["failed"] else 0
         else:
-            print(api.plan_report(**{k: v for k, v in vars(args).items() if k != "command"}))
+            print(api.plan_report(**kwargs))
             return 0
     except LensrunError as err:
         print(f"lensrun: error: {err}", file=sys.stderr)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLFlux2
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLFlux2
 from PIL import Image
 
 

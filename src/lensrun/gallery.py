@@ -1,8 +1,9 @@
-"""`lensrun gallery`: a prompt file in, a reproducible captioned gallery out — resumable and phase-batched.
+"""`lensrun gallery`: a prompt file in, a reproducible captioned gallery out — resumable.
 
-Every prompt is encoded first (through the prompt cache), then every image is denoised (grouped by size, so
-each compiled shape is reused), then decoded: the encoder's phase happens once per gallery. Each finished image
-is written atomically and recorded in ``manifest.jsonl``; a re-run skips images whose config hash is done.
+This module adds only the gallery's file formats, its manifest and its index page; the images are made by the
+engine (``lensrun.engine``): prompts encoded once, images denoised grouped by size and decoded group by group,
+each PNG written atomically. Each finished image is recorded in ``manifest.jsonl``; a re-run skips images whose
+recipe hash is done.
 """
 
 from __future__ import annotations
@@ -11,24 +12,16 @@ import hashlib
 import html
 import json
 import os
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from lensrun import __version__
-from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
-from lensrun.metadata import save_png, write_atomic
-from lensrun.request import GenerationRequest
+from lensrun.metadata import write_atomic
+from lensrun.request import REQUEST_OPTIONS, EngineOptions, GenerationRequest, infer_variant
 
-ENTRY_KEYS = {
-    "name", "prompt", "negative_prompt", "seed", "steps", "cfg", "base_resolution", "aspect_ratio", "height",
-    "width", "n", "variant",
-}  # fmt: skip
+ENTRY_KEYS = {"name", *REQUEST_OPTIONS}
 MANIFEST = "manifest.jsonl"
 
 
@@ -71,8 +64,9 @@ def seed_for(name: str, prompt: str) -> int:
     return int(hashlib.sha256(f"{name}\n{prompt}".encode()).hexdigest()[:8], 16) % 2**31
 
 
-def load_gallery(path: str | Path, defaults: dict | None = None) -> list[Entry]:
-    """Parse and validate every entry; all problems are reported together, naming each entry."""
+def load_gallery(path: str | Path, defaults: dict | None = None, model: str | None = None) -> list[Entry]:
+    """Parse and validate every entry; all problems are reported together, naming each entry. ``model``
+    gives the variant an entry without one gets (its preset steps and CFG)."""
     path = Path(path)
     if not path.is_file():
         raise LensrunError(f"gallery file not found: {path}")
@@ -103,8 +97,10 @@ def load_gallery(path: str | Path, defaults: dict | None = None) -> list[Entry]:
         settings["name"] = name
         if settings.get("seed") is None:
             settings["seed"] = seed_for(name, settings["prompt"])
+        if model is not None:
+            settings.setdefault("variant", infer_variant(model))
         try:
-            entry_request(settings, "lens")
+            entry_request(settings)
         except LensrunError as err:
             problems.append(f"{label}: {err}")
             continue
@@ -114,14 +110,9 @@ def load_gallery(path: str | Path, defaults: dict | None = None) -> list[Entry]:
     return entries
 
 
-def entry_request(settings: dict, variant: str, **common) -> GenerationRequest:
-    """The validated request of one entry's settings (``common``: noise, template date, step cache)."""
-    s = settings
-    return GenerationRequest.build(
-        s["prompt"], s.get("negative_prompt"), s.get("height"), s.get("width"), s.get("base_resolution"),
-        s.get("aspect_ratio"), s.get("steps"), s.get("cfg"), s.get("n", 1), s["seed"],
-        variant=s.get("variant") or variant, **common,
-    )  # fmt: skip
+def entry_request(settings: dict) -> GenerationRequest:
+    """The validated request of one entry's settings (every key but ``name`` is a request option)."""
+    return GenerationRequest.build(**{k: v for k, v in settings.items() if k != "name"})
 
 
 def config_hash(config: dict) -> str:
@@ -149,93 +140,49 @@ def _append(out: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-@dataclass
-class Job:
-    """One image to make: its recipe, where it goes, and (once denoised) its latents."""
-
-    entry: Entry
-    config: dict
-    hash: str
-    file: str
-    request: GenerationRequest
-    latents: torch.Tensor | None = None
-    seconds: float = 0.0
-
-
-def plan_images(entries: list[Entry], pipe, common: dict | None = None) -> list[Job]:
-    """Expand entries into images (entry ``n`` > 1 → seeds seed, seed+1, …), each with its config and hash."""
-    jobs = []
+def plan_images(entries: list[Entry], options: EngineOptions, dtype: str) -> list[tuple[Entry, GenerationRequest, str, str]]:
+    """Every image of the gallery: (entry, single-image request, identity hash, file name). The hash covers
+    what the user asked for (request, model, dtype, forced precision), not the plan, so a resume finds it."""
+    images = []
     for entry in entries:
-        s = entry.settings
-        req = entry_request(s, pipe.variant, **(common or {}))
-        for k in range(req.n):
-            config = {
-                **req.image_settings(0, k), "model": pipe.model_name, "variant": s.get("variant") or pipe.variant,
-                "dtype": str(pipe.dtype).removeprefix("torch."), "quantize": pipe.precision,
-                "vae_tiling": pipe.plan.vae_tiling,
-            }  # fmt: skip
-            single = GenerationRequest(**{**req.__dict__, "prompts": [s["prompt"]], "seed": config["seed"], "n": 1})
-            digest = config_hash(config)
-            suffix = f"-{k}" if req.n > 1 else ""
-            jobs.append(Job(entry, config, digest, f"{entry.name}{suffix}-{digest[:8]}.png", single))
-    return jobs
+        singles = entry_request(entry.settings).images()
+        for k, single in enumerate(singles):
+            identity = {**single.record(), "model": options.model, "dtype": dtype, "quantize": options.quantize}
+            digest = config_hash(identity)
+            suffix = f"-{k}" if len(singles) > 1 else ""
+            images.append((entry, single, digest, f"{entry.name}{suffix}-{digest[:8]}.png"))
+    return images
 
 
-def run_gallery(pipe, entries: list[Entry], out: str | Path, show_progress: bool = True, common: dict | None = None) -> dict:
+def run_gallery(
+    options: EngineOptions, entries: list[Entry], out: str | Path, show_progress: bool = True, notify=None
+) -> dict:
     """Make every image not already done; returns the summary (done / skipped / failed)."""
+    from lensrun.engine import Engine, Task, resolve_device, resolve_dtype
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
     done_hashes = {r["hash"] for r in read_manifest(out) if r.get("status") == "done" and (out / r["file"]).is_file()}
-    jobs = plan_images(entries, pipe, common)
-    pending = [j for j in jobs if j.hash not in done_hashes]
-    summary = {"done": 0, "skipped": len(jobs) - len(pending), "failed": 0}
-    bar = tqdm(total=sum(j.request.steps for j in pending), unit="step", disable=not show_progress)
-    failed: dict[str, str] = {}
+    images = plan_images(entries, options, dtype)
+    pending = [i for i in images if i[2] not in done_hashes]
+    summary = {"done": 0, "skipped": len(images) - len(pending), "failed": 0}
 
-    def fail(job: Job, err: Exception) -> None:
-        failed[job.hash] = f"{type(err).__name__}: {err}"
-        _append(out, {"hash": job.hash, "name": job.entry.name, "status": "failed", "error": failed[job.hash],
-                      "config": job.config, "lensrun_version": __version__, "file": job.file})  # fmt: skip
-        summary["failed"] += 1
+    def record(result) -> None:
+        entry, _, digest, file = result.task.tag
+        row = {"hash": digest, "name": entry.name, "file": file, "lensrun_version": __version__}
+        if result.ok:
+            _append(out, {**row, "status": "done", "config": result.config, "report": result.report})
+            summary["done"] += 1
+        else:
+            config = {**result.task.request.record(), "model": options.model, "dtype": dtype}
+            _append(out, {**row, "status": "failed", "error": result.error, "config": config})
+            summary["failed"] += 1
 
-    conditions: dict[str, tuple] = {}
-    with pipe.encoding_phase([text for job in pending for text in job.request.prompts_to_encode()]):
-        bar.set_description("encode")
-        for job in pending:
-            r = job.request
-            try:
-                pos, neg = pipe.conditions(r)
-                conditions[job.hash] = (pos[0], neg[0] if neg is not None else None)
-            except Exception as err:  # noqa: BLE001 - one entry's failure is recorded, the others go on
-                fail(job, err)
-    with pipe.phase("denoise"):
-        for job in sorted((j for j in pending if j.hash in conditions), key=lambda j: (j.request.height, j.request.width)):
-            bar.set_description(f"denoise {job.entry.name}")
-            try:
-                t0 = time.perf_counter()
-                noise = pipe.initial_noise(job.config["seed"], job.request.grid, job.request.noise)
-                job.latents = pipe.denoise(noise, *conditions[job.hash], job.request, lambda i, n: bar.update(1)).cpu()
-                job.seconds = time.perf_counter() - t0
-            except Exception as err:  # noqa: BLE001
-                fail(job, err)
-    with pipe.phase("decode"):
-        for job in (j for j in pending if j.latents is not None):
-            bar.set_description(f"decode {job.entry.name}")
-            try:
-                t0 = time.perf_counter()
-                image = to_pil(decode_tokens(pipe.vae, job.latents.to(pipe.device), job.request.grid))[0]
-                job.seconds += time.perf_counter() - t0
-                report = {"plan": pipe.plan.name, "seconds": round(job.seconds, 3)}
-                if pipe.device.type == "cuda":
-                    report["peak_allocated_gib"] = torch.cuda.max_memory_allocated(pipe.device) / 2**30
-                config = {**job.config, "lensrun_version": __version__}
-                save_png(image, out / job.file, config, report)
-                _append(out, {"hash": job.hash, "name": job.entry.name, "status": "done", "file": job.file,
-                              "config": config, "report": report, "lensrun_version": __version__})  # fmt: skip
-                summary["done"] += 1
-            except Exception as err:  # noqa: BLE001
-                fail(job, err)
-    bar.close()
+    if pending:
+        engine = Engine.shared(options, [single for _, single, _, _ in pending])
+        tasks = [Task(single, out / file, (entry, single, digest, file)) for entry, single, digest, file in pending]
+        engine.run(tasks, isolate=True, on_result=record, notify=notify, progress=show_progress)
     write_index(out)
     return summary
 
@@ -248,9 +195,11 @@ def _caption(row: dict) -> str:
         else f"{c['width']}×{c['height']}"
     )
     peak = f", peak {r['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in r else ""
+    seconds = r.get("seconds", 0)
+    seconds = sum(seconds.values()) if isinstance(seconds, dict) else seconds  # older rows: one number
     return (
         f"{size}, steps {c['steps']}, cfg {c['cfg']:g}, seed {c['seed']}\n{c['prompt']}\n"
-        f"plan {r.get('plan', '?')}{peak}, {r.get('seconds', 0):.2f} s"
+        f"plan {r.get('plan', '?')}{peak}, {seconds:.2f} s"
     )
 
 

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lensrun.acceleration import PRECISIONS, quantizable
+from lensrun.acceleration import quantizable
 from lensrun.errors import LensrunError
 from lensrun.mxfp4 import fused_kernel_available
+from lensrun.request import PLACEMENTS, PRECISIONS, check_placement  # noqa: F401 - re-exported
 
 GIB = 2**30
 DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348
@@ -33,7 +34,6 @@ ENCODER_FUSED_EXTRA = 0.30 * GIB
 VAE_BYTES_PER_PIXEL = 4.776 * GIB / 2106368
 VAE_TILED_CAP = 2.386 * GIB
 SAFETY = 1.08  # allocator fragmentation and what the model above does not see
-PLACEMENTS = ("resident", "phased", "offload", "stream")
 # Relative DiT speed per precision, measured with the compiled path on the H100 (bf16 1.0; fp8 dynamic 1.39×
 # slower at 1024²); weight-only modes are dequantized per matmul and slower still (LENS_SPEC §12).
 PRECISION_SLOWDOWN = {"bf16": 1.0, "fp8": 1.39, "fp8-weight": 1.36, "int8-weight": 1.5, "int4-weight": 1.8}
@@ -59,7 +59,7 @@ class ComponentSizes:
 
     @classmethod
     def from_configs(cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2) -> ComponentSizes:
-        from lensrun import random_checkpoint as rc
+        from lensrun import configs as rc
         from lensrun.models.transformer_lens import LensTransformer2DModel
 
         with torch.device("meta"):
@@ -97,7 +97,7 @@ class ComponentSizes:
     @classmethod
     def lens(cls) -> ComponentSizes:
         """The published Lens shapes (all three variants share them)."""
-        from lensrun import random_checkpoint as rc
+        from lensrun import configs as rc
 
         return cls.from_configs(rc.FULL_TRANSFORMER_CONFIG, rc.FULL_TEXT_ENCODER_CONFIG, rc.FULL_VAE_CONFIG)
 
@@ -226,11 +226,6 @@ def candidate_plans(precisions: tuple[str, ...] = PRECISIONS, fused_experts: boo
                     for emb_cpu in (False, True):
                         plans.append(Plan(placement, precision, chunk, tiling, emb_cpu))
     return plans
-
-
-def check_placement(placement: str | None) -> None:
-    if placement is not None and placement not in PLACEMENTS:
-        raise LensrunError(f"unknown placement '{placement}': choose one of {', '.join(PLACEMENTS)}")
 
 
 def parse_budget(vram: str | float | int | None) -> float | None:

@@ -8,31 +8,31 @@ tokens and run without an attention mask (LENS_SPEC §11): an empty negative is 
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from lensrun import acceleration, loading
 from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
 from lensrun.memory import Plan
-from lensrun.models.text_encoder import LensTextEncoder
-from lensrun.models.transformer_lens import FirstBlockCache, LensTransformer2DModel
 from lensrun.placement import Placer
 from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerprint
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import DEFAULT_MODEL, OUTPUT_TYPES, TINY_MODEL, GenerationRequest, check_variant, infer_variant
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
-from lensrun.step_graph import StepGraphs
+
+if TYPE_CHECKING:  # the model classes import diffusers/transformers: loaded with the weights, not with lensrun
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    from lensrun.models.text_encoder import LensTextEncoder
+    from lensrun.models.transformer_lens import LensTransformer2DModel
 
 
 @dataclass
@@ -83,6 +83,8 @@ class LensPipeline:
         self.prompt_cache = prompt_cache or PromptCache(f"unnamed:{id(text_encoder)}")
         self.precision = "bf16"
         self.compiled = False
+        from lensrun.step_graph import StepGraphs
+
         self.step_graphs = StepGraphs(self.transformer)
         self.graph_steps = False  # denoising steps replayed as CUDA graphs (set with the encoder's graphs)
         self.placer: Placer | None = None
@@ -96,32 +98,41 @@ class LensPipeline:
         variant: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device | None = None,
+        name: str | None = None,
     ) -> LensPipeline:
-        """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead)."""
+        """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead).
+
+        Weights are read straight onto ``device`` (no CPU copy first); ``name`` is what images record as the
+        model (default: ``model`` as given)."""
         check_variant(variant)
         if str(model) == TINY_MODEL:
             return cls.tiny_random(dtype=dtype, device=device, variant=variant)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = loading.resolve_model(model)
         loading.check_layout(root)
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
         from transformers import PreTrainedTokenizerFast
 
-        from lensrun.random_checkpoint import transformer_meta_state, vae_meta_state
+        from lensrun.configs import transformer_meta_state, vae_meta_state
+        from lensrun.models.text_encoder import LensTextEncoder
+        from lensrun.models.transformer_lens import LensTransformer2DModel
 
         t_config = LensTransformer2DModel.load_config(root / "transformer")
         loading.check_shapes(root / "transformer", transformer_meta_state(_init_kwargs(t_config)))
         v_config = AutoencoderKLFlux2.load_config(root / "vae")
         loading.check_shapes(root / "vae", vae_meta_state(v_config))
+        place = {"device_map": str(device)} if device.type == "cuda" else {}
         with _quiet_diffusers():
-            transformer = LensTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-            vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
+            transformer = LensTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, **place)
+            vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **place)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
-        text_encoder = LensTextEncoder.from_pretrained(root / "text_encoder", layers, dtype=encoder_dtype)
+        text_encoder = LensTextEncoder.from_pretrained(root / "text_encoder", layers, dtype=encoder_dtype, device=device)
         cache = PromptCache(folder_fingerprint(root / "text_encoder"), default_cache_dir() / "prompts")
         pipe = cls(
-            transformer, vae, scheduler, text_encoder, tokenizer, model_name=str(model), variant=variant,
+            transformer, vae, scheduler, text_encoder, tokenizer, model_name=name or str(model), variant=variant,
             prompt_cache=cache,
         )  # fmt: skip
         return pipe.to(device)
@@ -135,10 +146,15 @@ class LensPipeline:
         variant: str | None = None,
     ) -> LensPipeline:
         """A tiny random-weight Lens built in-process: it draws noise, and exists to check an install."""
-        from lensrun import random_checkpoint as rc
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+        from lensrun import configs as rc
+        from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+        from lensrun.models.transformer_lens import LensTransformer2DModel
+        from lensrun.random_checkpoint import random_state, tiny_tokenizer
 
         def build(module: torch.nn.Module, meta: dict, offset: int, prefix: str = "") -> torch.nn.Module:
-            state = rc.random_state(meta, seed + offset, torch.float32)
+            state = random_state(meta, seed + offset, torch.float32)
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
             return module
 
@@ -146,7 +162,7 @@ class LensPipeline:
             LensTransformer2DModel(**rc.TINY_TRANSFORMER_CONFIG), rc.transformer_meta_state(rc.TINY_TRANSFORMER_CONFIG), 0
         )
         layers = tuple(rc.TINY_TRANSFORMER_CONFIG["selected_layer_index"])
-        te_config = rc.gpt_oss_config(rc.TINY_TEXT_ENCODER_CONFIG)
+        te_config = gpt_oss_config(rc.TINY_TEXT_ENCODER_CONFIG)
         encoder = build(
             LensTextEncoder(te_config, layers, dtype=torch.float32),
             rc.text_encoder_meta_state(rc.TINY_TEXT_ENCODER_CONFIG),
@@ -159,7 +175,7 @@ class LensPipeline:
             transformer, vae = transformer.to(dtype), vae.to(dtype)
         cache = PromptCache(f"tiny-random:{seed}")
         pipe = cls(
-            transformer, vae, scheduler, encoder, rc.tiny_tokenizer(), model_name=TINY_MODEL, variant=variant,
+            transformer, vae, scheduler, encoder, tiny_tokenizer(), model_name=TINY_MODEL, variant=variant,
             prompt_cache=cache,
         )  # fmt: skip
         return pipe.to(device)
@@ -196,7 +212,7 @@ class LensPipeline:
         """Quantize the DiT's block linears (torchao) and/or compile the hot paths; call once after loading.
 
         Compilation is regional (one graph for all 48 blocks), cached on disk between runs, and on CUDA also
-        fuses the encoder's MXFP4 decode and the VAE decoder (channels-last).
+        fuses the encoder's MXFP4 decode. The VAE stays eager: compiling it cost more than a decode saves.
         """
         precision = acceleration.check_precision(precision, self.device)
         if precision != self.precision:
@@ -210,8 +226,6 @@ class LensPipeline:
             if self.device.type == "cuda":
                 if self.text_encoder is not None:
                     self.text_encoder.compile_dequantize()
-                self.vae.to(memory_format=torch.channels_last)
-                self.vae.decoder.compile()
             self.compiled = True
         self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self
@@ -235,34 +249,6 @@ class LensPipeline:
             self.optimize(compile=self.compiled, precision=plan.precision)
         self._reset_graphs()
         return self
-
-    def run_planned(self, plans: list[Plan], notify: Callable[[str], None] | None = None, **call) -> LensPipelineOutput:
-        """``self(**call)`` under the first plan; on a CUDA out-of-memory error, retry with the next one.
-
-        The retry happens after the ``except`` block has ended (its traceback holds the failed step's tensors),
-        then ``gc.collect()`` and ``empty_cache()`` give the memory back before the next plan is applied.
-        """
-        errors: list[str] = []
-        recoveries: list[dict] = []
-        allocated = lambda: torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-        for i, plan in enumerate(plans):
-            before = allocated()
-            try:
-                self.apply_plan(plan)
-                before = allocated()
-                out = self(**call)
-                out.report["fallbacks"] = [f"{p.name}: {e}" for p, e in zip(plans[: len(errors)], errors, strict=True)]
-                out.report["recoveries"] = recoveries
-                return out
-            except torch.OutOfMemoryError as err:
-                errors.append(str(err).splitlines()[0][:200])
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            recoveries.append({"plan": plan.name, "allocated_before_gib": before, "allocated_after_cleanup_gib": allocated()})
-            if notify is not None and i + 1 < len(plans):
-                notify(f"out of memory under plan {plan.name}; retrying with {plans[i + 1].name}")
-        raise LensrunError(f"out of memory under every plan tried: {'; '.join(errors)}")
 
     @property
     def plan(self) -> Plan:
@@ -344,7 +330,7 @@ class LensPipeline:
         gen_device = torch.device("cpu") if noise == "cpu" else self.device
         gen = torch.Generator(gen_device).manual_seed(seed)
         shape = (1, grid[0] * grid[1], self.transformer.config.in_channels)
-        return randn_tensor(shape, generator=gen, device=self.device, dtype=self.dtype)
+        return _randn(shape, gen, self.device, self.dtype)
 
     def _schedule(self, req: GenerationRequest) -> tuple[list[float], torch.Tensor]:
         """Sigmas (floats, terminal 0) and model timesteps (sigma rounded through the model dtype, as upstream)."""
@@ -381,6 +367,8 @@ class LensPipeline:
             warnings.warn(f"denoising steps could not be captured as a CUDA graph ({self.step_graphs.failed}); "
                           "running them one by one", stacklevel=2)  # fmt: skip
             self.graph_steps = False
+        from lensrun.models.transformer_lens import FirstBlockCache
+
         caches = [FirstBlockCache(req.cache), FirstBlockCache(req.cache)] if req.cache else [None, None]
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):
@@ -466,8 +454,10 @@ class LensPipeline:
         if prompt is None:
             prompt = [""] * prompt_embeds[0].shape[0]
         req = GenerationRequest.build(
-            prompt, negative_prompt, height, width, base_resolution, aspect_ratio, num_inference_steps,
-            guidance_scale, num_images_per_prompt, seed, noise, self.variant, template_date, cache=cache,
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            base_resolution=base_resolution, aspect_ratio=aspect_ratio, steps=num_inference_steps,
+            cfg=guidance_scale, n=num_images_per_prompt, seed=seed, noise=noise, variant=self.variant,
+            template_date=template_date, cache=cache,
         )  # fmt: skip
         total = len(req.prompts) * req.n
         if latents is not None and latents.shape[0] != total:
@@ -482,17 +472,20 @@ class LensPipeline:
         if len(pos) != len(req.prompts):
             raise LensrunError(f"{len(pos)} prompt embeddings for {len(req.prompts)} prompts")
 
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=total * req.steps, desc="denoising", unit="step", disable=not show_progress)
         results, configs = [], []
+        singles = req.images()
         with clock("denoise"), self.phase("denoise"):
             for p in range(len(req.prompts)):
                 for k in range(req.n):
                     index = p * req.n + k
-                    settings = req.image_settings(p, k)
+                    settings = singles[index].record()
                     if latents is not None:
                         x = latents[index : index + 1].to(self.device, self.dtype)
                     elif generator is not None:
-                        x = randn_tensor((1, *self._token_shape(req)), generator=generator, device=self.device, dtype=self.dtype)
+                        x = _randn((1, *self._token_shape(req)), generator, self.device, self.dtype)
                         settings["seed"] = None
                     else:
                         x = self.initial_noise(settings["seed"], req.grid, req.noise)
@@ -504,8 +497,8 @@ class LensPipeline:
 
                     results.append(self.denoise(x, pos[p], neg[p] if neg is not None else None, req, step, stats=clock.totals))
                     settings.update(
-                        model=self.model_name, variant=self.variant, dtype=str(self.dtype).removeprefix("torch."),
-                        quantize=self.precision, vae_tiling=self.plan.vae_tiling,
+                        model=self.model_name, dtype=str(self.dtype).removeprefix("torch."), quantize=self.precision,
+                        vae_tiling=self.plan.vae_tiling,
                     )  # fmt: skip
                     configs.append(settings)
         bar.close()
@@ -553,6 +546,12 @@ class _PhaseClock:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Noise drawn where the generator lives (a CPU generator gives the same numbers on every GPU), then moved."""
+    where = "cpu" if generator.device.type == "cpu" else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
 def _init_kwargs(config: dict) -> dict:

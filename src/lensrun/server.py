@@ -24,13 +24,13 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
-from lensrun import __version__, memory
+from lensrun import __version__
+from lensrun.engine import Cancelled, Engine, Task
 from lensrun.errors import LensrunError
-from lensrun.metadata import save_png
 from lensrun.prompting import MAX_SEQUENCE_LENGTH, tokenize_prompts
-from lensrun.request import GenerationRequest
+from lensrun.request import GenerationRequest, option_specs
 
 MAX_IMAGES = 8
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -42,21 +42,28 @@ PARAM_OF_MESSAGE = [
 ]  # fmt: skip
 
 
-class ImageRequest(BaseModel):
-    """OpenAI ``images.generate`` body plus lensrun's own fields; unknown OpenAI fields are ignored."""
+class _OpenAIFields(BaseModel):
+    """OpenAI ``images.generate``'s own fields; unknown OpenAI fields are ignored."""
 
     model_config = ConfigDict(extra="allow")
-    prompt: str
-    n: int = 1
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     model: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    cfg: float | None = None
-    negative_prompt: str | None = None
-    aspect_ratio: str | None = None
-    base_resolution: int | None = None
+
+
+def _request_fields() -> dict:
+    """Every ``GenerationRequest`` option as an optional body field (``prompt``: one string, required);
+    values are checked by ``GenerationRequest.build``, whose messages name the field and what is allowed."""
+    fields = {}
+    for spec in option_specs(GenerationRequest):
+        if spec.name == "prompt":
+            fields["prompt"] = (str, ...)
+        else:
+            fields[spec.name] = (spec.type | None, None)
+    return fields
+
+
+ImageRequest = create_model("ImageRequest", __base__=_OpenAIFields, **_request_fields())
 
 
 class ApiError(Exception):
@@ -84,7 +91,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 class Job:
     """One request's work and everything a client may ask about it."""
 
-    params: dict
+    request: GenerationRequest
     response_format: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = "queued"
@@ -110,19 +117,14 @@ class Job:
         }  # fmt: skip
 
 
-class JobCancelled(Exception):
-    pass
-
-
 class Worker:
     """The single GPU worker: a bounded FIFO of jobs, run one at a time."""
 
     KEEP_JOBS = 512
 
-    def __init__(self, pipe, files: Path, max_queue: int = 16, vram: str | None = None) -> None:
-        self.pipe = pipe
+    def __init__(self, engine: Engine, files: Path, max_queue: int = 16) -> None:
+        self.engine = engine
         self.files = files
-        self.vram = vram
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.jobs: dict[str, Job] = {}
         self.stopping = threading.Event()
@@ -157,7 +159,7 @@ class Worker:
             self._generate(job)
             job.status = "succeeded"
             job.emit("done", images=[f"/v1/files/{f}.png" for f in job.files], warnings=job.warnings)
-        except JobCancelled:
+        except Cancelled:
             job.status, job.error = "cancelled", "cancelled: the server is shutting down"
             job.emit("error", message=job.error)
         except Exception as err:  # noqa: BLE001 - a failed job is reported to its client, the server goes on
@@ -167,36 +169,23 @@ class Worker:
             job.done.set()
 
     def _generate(self, job: Job) -> None:
-        p = job.params
-        if self.pipe.tokenizer is not None:
-            cut = tokenize_prompts(self.pipe.tokenizer, [p["prompt"]]).dropped[0]
+        """The job's images through the engine (planned for this request's size, steps and CFG)."""
+        pipe = self.engine.pipe
+        if pipe.tokenizer is not None:
+            cut = tokenize_prompts(pipe.tokenizer, list(job.request.prompts)).dropped[0]
             if cut:
                 job.warnings.append(f"prompt too long: the last {cut} tokens were cut (limit {MAX_SEQUENCE_LENGTH})")
 
         def on_step(step: int, total: int) -> None:
-            if job.cancel.is_set():
-                raise JobCancelled
             job.step, job.total = step, total
             job.emit("progress", step=step, total=total)
 
-        device = self.pipe.device
-        plans = [self.pipe.plan]
-        if device.type == "cuda":
-            budget = memory.parse_budget(self.vram) if self.vram else memory.available_budget(device)
-            plan, preds = memory.choose(
-                budget, p["height"], p["width"], steps=p["steps"], cfg=p["cfg"] != 1.0, graphs=self.pipe.compiled
-            )
-            plans = [plan, *memory.fallbacks(plan, preds)[:2]]
-        out = self.pipe.run_planned(
-            plans, prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"], width=p["width"],
-            num_inference_steps=p["steps"], guidance_scale=p["cfg"], num_images_per_prompt=p["n"], seed=p["seed"],
-            on_step=on_step,
-        )  # fmt: skip
-        job.report = out.report
-        for image, config in zip(out.images, out.configs, strict=True):
-            file_id = uuid.uuid4().hex
-            save_png(image, self.files / f"{file_id}.png", {**config, "lensrun_version": __version__}, out.report)
-            job.files.append(file_id)
+        tasks = [Task(single, tag=uuid.uuid4().hex) for single in job.request.images()]
+        for task in tasks:
+            task.path = self.files / f"{task.tag}.png"
+        results = self.engine.run(tasks, on_step=on_step, should_stop=job.cancel.is_set)
+        job.report = results[0].report
+        job.files = [r.task.tag for r in results]
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Fail queued jobs with a clear message, cancel the running one at its next step, stop the worker."""
@@ -215,31 +204,29 @@ class Worker:
         self.thread.join(timeout)
 
 
-def validate(body: ImageRequest, variant: str) -> dict:
-    """The generation parameters of a request, or an ApiError naming the bad field and what is allowed."""
-    if not 1 <= body.n <= MAX_IMAGES:
+def validate(body, engine: Engine) -> GenerationRequest:
+    """The request's images, or an ApiError naming the bad field and what is allowed."""
+    if not 1 <= (body.n or 1) <= MAX_IMAGES:
         raise ApiError(422, f"n must be between 1 and {MAX_IMAGES}, got {body.n}", "n")
-    height, width = parse_size(body.size)
+    options = {name: getattr(body, name) for name in _request_fields() if getattr(body, name) is not None}
+    if body.size not in (None, "auto"):
+        if "height" in options or "width" in options:
+            raise ApiError(422, "give size, or height and width, not both", "size")
+        options["height"], options["width"] = parse_size(body.size)
     try:
-        req = GenerationRequest.build(
-            body.prompt, body.negative_prompt, height, width, body.base_resolution, body.aspect_ratio, body.steps,
-            body.cfg, body.n, body.seed, "cpu", variant,
-        )  # fmt: skip
+        return engine.request(**options)
     except LensrunError as err:
         message = str(err)
         param = next((p for key, p in PARAM_OF_MESSAGE if message.startswith(key) or f" {key}" in message[:40]), None)
         raise ApiError(422, message, param) from None
-    return {
-        "prompt": req.prompts[0], "negative_prompt": req.negative_prompt, "height": req.height, "width": req.width,
-        "steps": req.steps, "cfg": req.cfg, "n": req.n, "seed": req.seed,
-    }  # fmt: skip
 
 
-def create_app(pipe, files: Path, api_key: str | None = None, max_queue: int = 16, max_body: int = 64 * 1024,
-               vram: str | None = None) -> FastAPI:  # fmt: skip
-    """The ASGI app around a loaded pipeline (``app.state.worker`` runs the jobs)."""
+def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queue: int = 16,
+               max_body: int = 64 * 1024) -> FastAPI:  # fmt: skip
+    """The ASGI app around a loaded engine (``app.state.worker`` runs the jobs)."""
     files.mkdir(parents=True, exist_ok=True)
-    worker = Worker(pipe, files, max_queue, vram)
+    worker = Worker(engine, files, max_queue)
+    pipe = engine.pipe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -289,7 +276,7 @@ def create_app(pipe, files: Path, api_key: str | None = None, max_queue: int = 1
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
-        job = Job(validate(body, pipe.variant), body.response_format)
+        job = Job(validate(body, engine), body.response_format)
         worker.submit(job)
         while not job.done.is_set():
             await asyncio.sleep(0.02)
@@ -305,7 +292,7 @@ def create_app(pipe, files: Path, api_key: str | None = None, max_queue: int = 1
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: ImageRequest) -> dict:
-        job = Job(validate(body, pipe.variant), body.response_format)
+        job = Job(validate(body, engine), body.response_format)
         worker.submit(job)
         return job.public()
 
@@ -356,29 +343,49 @@ def host_warning(host: str, api_key: str | None) -> str | None:
     return f"warning: serving on {host} without --api-key: anyone who can reach this port can use the GPU"
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
-          device: str | None = None, dtype: str | None = None, vram: str | None = None, files: str | None = None,
-          compile: bool | None = None, notify=print) -> None:  # fmt: skip
-    """Load the model once and serve it until interrupted. ``compile`` (default: on for CUDA) pays off most here:
-    repeated sizes replay the encoder and the denoising steps as CUDA graphs."""
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served (checked before the model loads), or None."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"port {port} is not in 1–65535"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"cannot resolve host '{host}': {err}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
+          files: str | None = None, notify=print, **options) -> None:  # fmt: skip
+    """Load the model once and serve it until interrupted. Compiled by default on CUDA (a server makes many
+    images: repeated sizes replay the encoder and the denoising steps as CUDA graphs)."""
     import tempfile
 
     import uvicorn
 
-    from lensrun.api import load_pipeline, plans_for, resolve_compile, resolve_device, resolve_dtype
+    from lensrun.engine import resolve_device
+    from lensrun.request import EngineOptions, infer_variant
 
+    problem = port_problem(host, port)
+    if problem:
+        raise LensrunError(problem)
     warning = host_warning(host, api_key)
     if warning:
         notify(warning)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    compile = resolve_compile(compile, torch_device)
-    pipe = load_pipeline(model, None, torch_dtype, torch_device)
-    plans, _ = plans_for(torch_device, 1024, 1024, 20, 5.0, vram=vram, compiled=compile)
-    pipe.apply_plan(plans[0], torch_device)
-    if compile:
-        pipe.optimize(compile=True)
+    opts = EngineOptions(**options).resolved()
+    if opts.compile is None and resolve_device(opts.device).type == "cuda":
+        opts = EngineOptions(**{**opts.__dict__, "compile": True})
+    first = GenerationRequest.build(prompt="warm-up", default_variant=infer_variant(opts.model)).images()
+    engine = Engine.shared(opts, first)
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
-    app = create_app(pipe, folder, api_key=api_key, max_queue=max_queue, vram=vram)
-    notify(f"lensrun serving {pipe.model_name} on http://{host}:{port} (images in {folder})")
+    app = create_app(engine, folder, api_key=api_key, max_queue=max_queue)
+    notify(f"lensrun serving {engine.pipe.model_name} on http://{host}:{port} (images in {folder})")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,439 @@
+"""The one run path: a loaded model and everything that turns a list of image requests into PNGs.
+
+Every surface drives an ``Engine``: ``lensrun generate``/``replay`` and ``lensrun.generate`` (a few images),
+``lensrun gallery`` (many, resumable), ``lensrun serve`` (one request at a time from its queue). For any list of
+single-image tasks the engine
+
+1. plans memory from the tasks' real sizes, steps and CFG (``lensrun.memory``) and decides whether compiling
+   pays (``lensrun.compile_policy``);
+2. encodes every prompt once (prompt cache first), then denoises the images grouped by size and decodes each
+   group right after it, in phases (``LensPipeline.phase``) so a phased plan moves each component once a group;
+3. after an out-of-memory error, frees the failed attempt's memory and retries that image under the next plan;
+4. writes each PNG with its recipe and run report atomically, and reports every image to the caller.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lensrun import __version__, compile_policy, memory
+from lensrun.errors import LensrunError
+from lensrun.request import TINY_MODEL, EngineOptions, GenerationRequest, check_dtype, infer_variant
+
+GROUP_IMAGES = 8  # images denoised before their group is decoded and written: bounds what an interrupt loses
+
+
+class Cancelled(Exception):
+    """Raised from ``should_stop``: the run stops at the next step; never counted as an image's failure."""
+
+
+@dataclass
+class Task:
+    """One image to make: a single-image request, where its PNG goes (None: kept in memory), the caller's tag."""
+
+    request: GenerationRequest
+    path: Path | None = None
+    tag: object = None
+
+
+@dataclass
+class Result:
+    """What became of a task: the image (also in memory unless written), its recipe and report, or an error."""
+
+    task: Task
+    config: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    image: object = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.image is not None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LensrunError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LensrunError(f"device '{device}' asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise LensrunError(f"device '{device}' is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The asked dtype, or bf16 on CUDA and fp32 on the CPU."""
+    return check_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
+    """Component sizes from the checkpoint's own configs (the planner then fits any Lens-shaped model)."""
+    import json
+
+    from lensrun import configs
+
+    if model == TINY_MODEL or root is None:
+        return memory.ComponentSizes.from_configs(
+            configs.TINY_TRANSFORMER_CONFIG, configs.TINY_TEXT_ENCODER_CONFIG, configs.TINY_VAE_CONFIG
+        )
+    read = lambda part: {k: v for k, v in json.loads((root / part / "config.json").read_text()).items() if not k.startswith("_")}
+    vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
+    return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae)
+
+
+class Engine:
+    """A loaded Lens model and the run path over it (see the module docstring). ``Engine.shared`` keeps one per
+    process, so a replay after a generate, or every job of a server, reuses the loaded weights."""
+
+    _shared: dict[tuple, Engine] = {}
+
+    def __init__(self, pipe, options: EngineOptions, sizes: memory.ComponentSizes | None = None) -> None:
+        self.pipe = pipe
+        self.options = options.resolved()
+        self.device = pipe.device
+        self.sizes = sizes or memory.ComponentSizes.lens()
+        self.variant = pipe.variant
+        self.last_decision: compile_policy.CompileDecision | None = None
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, options: EngineOptions, first: list[GenerationRequest] | None = None, notify=None) -> Engine:
+        """Check the model, plan for the first requests (when known) and load the weights straight to where that
+        plan keeps them: a resident plan reads them onto the GPU, any other plan into CPU memory."""
+        from lensrun import loading
+        from lensrun.pipeline import LensPipeline
+
+        options = options.resolved()
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
+        root = None
+        if options.model != TINY_MODEL:
+            root = loading.resolve_model(options.model)
+            loading.check_layout(root)
+        sizes = model_sizes(options.model, root)
+        load_to = torch.device("cpu")
+        if device.type == "cuda" and first:
+            plans, _ = plans_for(device, first, options, sizes, compiled=False)
+            if plans[0].placement == "resident":
+                load_to = device
+        variant = infer_variant(options.model)
+        if options.model == TINY_MODEL:
+            pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
+        else:
+            pipe = LensPipeline.from_pretrained(root, variant=variant, dtype=dtype, device=load_to, name=options.model)
+        pipe._device = device
+        return cls(pipe, options, sizes)
+
+    @classmethod
+    def shared(cls, options: EngineOptions, first: list[GenerationRequest] | None = None) -> Engine:
+        """The process's engine for these options (one model in memory at a time)."""
+        options = options.resolved()
+        device = resolve_device(options.device)
+        key = (options.model, str(device), resolve_dtype(options.dtype, device))
+        engine = cls._shared.get(key)
+        if engine is None:
+            cls._shared.clear()
+            gc.collect()
+            engine = cls._shared[key] = cls.load(options, first)
+        engine.options = options
+        return engine
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def request(self, **options) -> GenerationRequest:
+        """A validated request whose preset defaults to this model's variant."""
+        return GenerationRequest.build(default_variant=self.variant, **options)
+
+    def recipe(self, request: GenerationRequest, plan: memory.Plan | None = None) -> dict:
+        """What a PNG stores to regenerate its image: the request plus the model settings that change pixels."""
+        pipe = self.pipe
+        plan = plan or pipe.plan
+        return {
+            **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
+            "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "lensrun_version": __version__,
+        }  # fmt: skip
+
+    def plans(self, requests: list[GenerationRequest], compiled: bool | None = None) -> tuple[list[memory.Plan], str]:
+        """The plan for these requests (their largest size, most steps, any CFG), its OOM fallbacks, and why."""
+        graphs = self.pipe.compiled if compiled is None else compiled
+        return plans_for(self.device, requests, self.options, self.sizes, graphs)
+
+    def decide_compile(self, requests: list[GenerationRequest], plan: memory.Plan) -> compile_policy.CompileDecision:
+        seconds = [
+            memory.predict(plan, self.sizes, r.height, r.width, r.steps, r.cfg != 1.0, graphs=True).seconds for r in requests
+        ]
+        warm = self.device.type == "cuda" and compile_policy.marker(_compile_folder(), self._compile_key(plan)).exists()
+        return compile_policy.decide(self.options.compile, self.device.type, seconds, warm, self.pipe.compiled)
+
+    # --------------------------------------------------------------------------------------------------- run
+    def run(
+        self,
+        tasks: list[Task],
+        *,
+        plans: list[memory.Plan] | None = None,
+        isolate: bool = False,
+        on_result: Callable[[Result], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        notify: Callable[[str], None] | None = None,
+        progress: bool = False,
+    ) -> list[Result]:
+        """Make every task's image. ``isolate``: a failing image is recorded in its result and the others go
+        on (galleries); otherwise the first failure is raised. ``on_step(done, total)`` counts steps over the
+        whole run; ``should_stop`` is polled every step (True stops the run with ``Cancelled``)."""
+        from tqdm.auto import tqdm
+
+        say = notify or (lambda message: None)
+        requests = [t.request for t in tasks]
+        if not tasks:
+            return []
+        run = _Run(self, tasks, isolate, on_result, say)
+        if plans is None:
+            plans, why = self.plans(requests, compiled=False)
+            decision = self.decide_compile(requests, plans[0])
+            if decision.compile and self.device.type == "cuda":
+                plans, why = self.plans(requests, compiled=True)
+            say(why)
+        else:
+            decision = self.decide_compile(requests, plans[0])
+        self.last_decision = decision
+        if decision.compile != self.pipe.compiled:
+            say(decision.reason)
+        run.plans = list(plans)
+        self._apply(run.plans[0], decision.compile)
+        total = sum(r.steps for r in requests)
+        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress)
+        done = 0
+
+        def step(i: int, n: int) -> None:
+            nonlocal done
+            done += 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, total)
+            if should_stop is not None and should_stop():
+                raise Cancelled
+
+        try:
+            run.encode()
+            for group in _groups([r for r in run.results if r.error is None]):
+                run.denoise(group, step)
+                run.decode(group)
+        finally:
+            bar.close()
+        self._remember_compilation()
+        return run.results
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _apply(self, plan: memory.Plan, compile: bool) -> None:
+        pipe = self.pipe
+        if plan.precision != pipe.precision and pipe.precision != "bf16":
+            raise LensrunError(f"the DiT is quantized to {pipe.precision}; this run needs {plan.precision}: start a new process")
+        pipe.apply_plan(plan, self.device)
+        if compile and not pipe.compiled:
+            _load_compile_artifacts(self._compile_key(plan))
+            pipe.optimize(compile=True, precision=pipe.precision)
+
+    def _compile_key(self, plan: memory.Plan) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return compile_policy.cache_key(torch.__version__, __version__, name, str(self.pipe.dtype), plan.precision)
+
+    def _remember_compilation(self) -> None:
+        """After a compiled CUDA run: mark this machine's caches warm and keep torch's cache artifacts."""
+        if not (self.pipe.compiled and self.device.type == "cuda"):
+            return
+        key = self._compile_key(self.pipe.plan)
+        path = compile_policy.marker(_compile_folder(), key)
+        if path.exists():
+            return
+        from lensrun.metadata import write_atomic
+
+        try:
+            artifacts = torch.compiler.save_cache_artifacts()
+        except Exception:  # noqa: BLE001 - the artifact API is an optimisation; the on-disk caches remain
+            artifacts = None
+        if artifacts is not None:
+            write_atomic(path.with_suffix(".bin"), lambda f: f.write(artifacts[0]))
+        write_atomic(path, lambda f: f.write(f'{{"torch": "{torch.__version__}", "time": {time.time():.0f}}}'.encode()))
+
+
+def _compile_folder() -> Path:
+    from lensrun.acceleration import compile_cache_dir
+
+    return compile_cache_dir().parent
+
+
+def _load_compile_artifacts(key: str) -> None:
+    path = compile_policy.marker(_compile_folder(), key).with_suffix(".bin")
+    if path.is_file():
+        try:
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception:  # noqa: BLE001 - stale or foreign artifacts: compile as if cold
+            pass
+
+
+def plans_for(
+    device: torch.device,
+    requests: list[GenerationRequest],
+    options: EngineOptions,
+    sizes: memory.ComponentSizes,
+    compiled: bool,
+) -> tuple[list[memory.Plan], str]:
+    """The chosen plan and its OOM fallbacks for the most demanding of ``requests`` on this device and budget
+    (CPU: resident, no budget), and a sentence saying what was chosen and why."""
+    from lensrun.acceleration import check_precision
+
+    placement, quantize, vram = options.placement, options.quantize, options.vram
+    if quantize is not None:
+        check_precision(quantize, device)
+    if device.type != "cuda":
+        if vram is not None or placement not in (None, "resident"):
+            raise LensrunError("--vram and --placement apply to CUDA GPUs; this run is on the CPU")
+        plan = memory.Plan(precision=quantize or "bf16")
+        return [plan], f"plan {plan.name}: CPU run, no GPU memory to plan"
+    largest = max(requests, key=lambda r: r.tokens)
+    steps = max(r.steps for r in requests)
+    cfg = any(r.cfg != 1.0 for r in requests)
+    budget = memory.parse_budget(vram) or memory.available_budget(device)
+    precisions = (quantize,) if quantize else memory.PRECISIONS
+    plan, preds = memory.choose(
+        budget, largest.height, largest.width, steps=steps, cfg=cfg, precisions=precisions,
+        allowed={"placement": placement}, graphs=compiled, sizes=sizes,
+    )  # fmt: skip
+    fallbacks = memory.fallbacks(plan, preds)[:2]
+    chosen = next(p for p in preds if p.chosen)
+    source = "--vram" if vram is not None else "free GPU memory"
+    why = (
+        f"plan {plan.name}: predicted peak {chosen.peak_bytes / memory.GIB:.1f} GiB of a {budget / memory.GIB:.1f} "
+        f"GiB budget ({source}); the fastest of {sum(p.fits for p in preds)} plans that fit"
+        + (f"; on out-of-memory: {', '.join(p.name for p in fallbacks)}" if fallbacks else "")
+    )
+    return [plan, *fallbacks], why
+
+
+def _groups(results: list[Result]) -> list[list[Result]]:
+    """Same-size images together (a compiled shape or captured step graph is reused), at most GROUP_IMAGES."""
+    by_size: dict[tuple[int, int], list[Result]] = {}
+    for r in results:
+        by_size.setdefault((r.task.request.height, r.task.request.width), []).append(r)
+    return [g[i : i + GROUP_IMAGES] for g in by_size.values() for i in range(0, len(g), GROUP_IMAGES)]
+
+
+class _Run:
+    """The state of one ``Engine.run``: results, conditions, latents, the plans left to fall back to."""
+
+    def __init__(self, engine: Engine, tasks: list[Task], isolate: bool, on_result, say) -> None:
+        self.engine = engine
+        self.pipe = engine.pipe
+        self.isolate = isolate
+        self.on_result = on_result
+        self.say = say
+        self.plans: list[memory.Plan] = []
+        self.fallbacks: list[str] = []
+        self.results = [Result(t) for t in tasks]
+        self.conditions: dict[int, tuple] = {}
+        self.latents: dict[int, torch.Tensor] = {}
+        self.encode_seconds = 0.0
+
+    def fail(self, result: Result, err: Exception) -> None:
+        if not self.isolate:
+            raise err
+        result.error = f"{type(err).__name__}: {err}"
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def each(self, phase: Callable, items: list[Result], work: Callable[[Result], None]) -> None:
+        """``work`` on each item inside ``phase()``. After an out-of-memory error the phase is left (freeing
+        what it brought in), the failed attempt's memory is returned, the next plan applied, and the failed item
+        and the rest are tried again."""
+        todo = [r for r in items if r.error is None]
+        while todo:
+            oom = None
+            with phase():
+                while todo:
+                    try:
+                        work(todo[0])
+                    except torch.OutOfMemoryError as err:
+                        oom = str(err).splitlines()[0][:200]
+                        break
+                    except Cancelled:
+                        raise
+                    except Exception as err:  # noqa: BLE001 - recorded per image when isolating
+                        self.fail(todo[0], err)
+                    todo.pop(0)
+            if oom is not None:
+                self.fall_back(oom)
+
+    def fall_back(self, error: str) -> None:
+        """Outside the ``except`` block (its traceback holds the failed step's tensors): free, then re-plan."""
+        failed = self.plans.pop(0)
+        self.fallbacks.append(f"{failed.name}: {error}")
+        gc.collect()
+        if self.pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.plans:
+            raise LensrunError(f"out of memory under every plan tried: {'; '.join(self.fallbacks)}")
+        self.say(f"out of memory under plan {failed.name}; retrying with {self.plans[0].name}")
+        self.engine._apply(self.plans[0], self.pipe.compiled)
+
+    def encode(self) -> None:
+        texts = [p for r in self.results for p in r.task.request.prompts_to_encode()]
+        start = _synced(self.pipe.device)
+
+        def work(r: Result) -> None:
+            pos, neg = self.pipe.conditions(r.task.request)
+            self.conditions[id(r)] = (pos[0], neg[0] if neg is not None else None)
+
+        self.each(lambda: self.pipe.encoding_phase(texts), self.results, work)
+        self.encode_seconds = (_synced(self.pipe.device) - start) / max(1, len(self.results))
+
+    def denoise(self, group: list[Result], step: Callable[[int, int], None]) -> None:
+        def work(r: Result) -> None:
+            req = r.task.request
+            start = _synced(self.pipe.device)
+            noise = self.pipe.initial_noise(req.seed, req.grid, req.noise)
+            self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, step)
+            r.report["seconds"] = {"encode": round(self.encode_seconds, 3), "denoise": round(_synced(self.pipe.device) - start, 3)}
+
+        if self.pipe.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.pipe.device)
+        self.each(lambda: self.pipe.phase("denoise"), group, work)
+
+    def decode(self, group: list[Result]) -> None:
+        from lensrun.decoding import decode_tokens, to_pil
+        from lensrun.metadata import save_png
+
+        def work(r: Result) -> None:
+            req = r.task.request
+            start = _synced(self.pipe.device)
+            image = to_pil(decode_tokens(self.pipe.vae, self.latents.pop(id(r)), req.grid))[0]
+            r.report["seconds"]["decode"] = round(_synced(self.pipe.device) - start, 3)
+            r.config = self.engine.recipe(req)
+            r.report.update(plan=self.pipe.plan.name, compiled=self.pipe.compiled, fallbacks=list(self.fallbacks))
+            if self.pipe.device.type == "cuda":
+                r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
+                r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)
+            r.image = image
+            if r.task.path is not None:
+                save_png(image, r.task.path, r.config, r.report)
+            if self.on_result is not None:
+                self.on_result(r)
+
+        self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
+
+
+def _synced(device: torch.device) -> float:
+    """The wall clock after the GPU has finished what was queued (phase edges only, never inside a loop)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
