@@ -40,6 +40,14 @@ def _run(path, out, **kw):
     return api.gallery(path, out=out, model="tiny-random", device="cpu", **kw)
 
 
+def _engine():
+    """The engine the gallery runs on (the process's shared one for the tiny model on the CPU)."""
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    return Engine.shared(EngineOptions(model="tiny-random", device="cpu"))
+
+
 def test_three_formats(tmp_path):
     toml = g.load_gallery(_write(tmp_path, "g.toml", TOML))
     as_dict = {"defaults": {"height": 32, "width": 48, "steps": 2},
@@ -117,7 +125,7 @@ def test_run_resume_and_replay(tmp_path):
 
 def test_failing_entry_does_not_stop_the_others(tmp_path, monkeypatch):
     path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
-    pipe = api.load_pipeline("tiny-random", "lens", __import__("torch").float32, __import__("torch").device("cpu"))
+    pipe = _engine().pipe
     original = pipe.denoise
 
     def broken(x, cond, uncond, req, *a, **k):
@@ -136,8 +144,10 @@ def test_failing_entry_does_not_stop_the_others(tmp_path, monkeypatch):
 
 
 def test_interrupt_leaves_no_partial_files(tmp_path, monkeypatch):
+    import lensrun.metadata as md
+
     path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
-    real = g.save_png
+    real = md.save_png
     calls = []
 
     def interrupted(image, target, config, report=None):
@@ -146,18 +156,54 @@ def test_interrupt_leaves_no_partial_files(tmp_path, monkeypatch):
                 f.write(b"\x89PNG partial")
                 raise KeyboardInterrupt
 
-            g.write_atomic(target, torn)
+            md.write_atomic(target, torn)
         calls.append(target)
         real(image, target, config, report)
 
-    monkeypatch.setattr(g, "save_png", interrupted)
+    monkeypatch.setattr(md, "save_png", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(path, out)
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     assert len(list(out.glob("*.png"))) == 1 and len(g.read_manifest(out)) == 1
-    monkeypatch.setattr(g, "save_png", real)
+    monkeypatch.setattr(md, "save_png", real)
     summary = _run(path, out)
     assert (summary["done"], summary["skipped"]) == (2, 1)
+
+
+def test_out_of_memory_falls_back_to_the_next_plan(tmp_path, monkeypatch):
+    """An OOM while denoising one image: the engine frees, applies the next plan and redoes that image; the
+    gallery finishes every image and the manifest says which plan made it and what failed before."""
+    import torch
+
+    import lensrun.engine as engine_module
+    from lensrun.memory import Plan
+
+    plans = [Plan(), Plan(vae_tiling=True)]
+    monkeypatch.setattr(engine_module, "plans_for", lambda *a, **k: (list(plans), "two test plans"))
+    pipe = _engine().pipe
+    original, calls = pipe.denoise, []
+
+    def once_oom(x, cond, uncond, req, *a, **k):
+        calls.append(req.seed)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected)")
+        return original(x, cond, uncond, req, *a, **k)
+
+    monkeypatch.setattr(pipe, "denoise", once_oom)
+    messages = []
+    path, out = _write(tmp_path, "g.toml", TOML), tmp_path / "out"
+    summary = api.gallery(path, out=out, model="tiny-random", device="cpu", notify=messages.append)
+    assert (summary["done"], summary["failed"]) == (3, 0)
+    assert len(calls) == 4 and calls[1] == calls[2]  # the failed image is redone, the others once each
+    assert "out of memory under plan resident+bf16; retrying with resident+bf16+vae-tiled" in messages
+    rows = g.read_manifest(out)
+    # The group is decoded after the fallback, so every image is decoded (and recorded) under the new plan.
+    assert [r["report"]["plan"] for r in rows] == ["resident+bf16+vae-tiled"] * 3
+    assert all(r["config"]["vae_tiling"] is True for r in rows)
+    assert rows[1]["report"]["fallbacks"] == [
+        "resident+bf16: CUDA out of memory. Tried to allocate 9.00 GiB (injected)"
+    ] and rows[0]["report"]["fallbacks"] == rows[2]["report"]["fallbacks"] == []
+    pipe.apply_plan(Plan())
 
 
 def test_index_escapes_and_cli_summary(tmp_path, capsys):

@@ -3,11 +3,14 @@
 import gc
 import weakref
 
+import numpy as np
+
 import pytest
 import torch
 
 from lensrun import LensrunError, memory
 from lensrun.cli import main
+from lensrun.engine import Task
 from lensrun.memory import GIB, Plan
 from lensrun.placement import HostedWeights
 
@@ -114,7 +117,7 @@ def test_plan_settings_are_applied(tiny_pipe):
 
 
 def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkeypatch):
-    expected = tiny_pipe("a fox", seed=3, **SMALL).images
+    expected = tiny_pipe("a fox", seed=3, **{**SMALL, "output_type": "pil"}).images
     inner = tiny_pipe.transformer.forward
     state = {"failed": False}
     doomed = []
@@ -130,11 +133,13 @@ def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkey
     monkeypatch.setattr(tiny_pipe.transformer, "forward", flaky)
     messages = []
     plans = [Plan(), Plan(encoder_chunk=8)]
-    out = tiny_pipe.run_planned(plans, notify=messages.append, prompt="a fox", seed=3, **SMALL)
+    engine = _engine(tiny_pipe)
+    task = Task(engine.request(prompt="a fox", seed=3, height=32, width=48, steps=SMALL["num_inference_steps"]))
+    [result] = engine.run([task], plans=plans, notify=messages.append)
     tiny_pipe.apply_plan(Plan())
-    assert torch.equal(out.images, expected)
-    assert out.report["plan"] == "resident+bf16+enc-chunk8"
-    assert out.report["fallbacks"][0].startswith("resident+bf16: CUDA out of memory")
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected[0]))
+    assert result.report["plan"] == "resident+bf16+enc-chunk8"
+    assert result.report["fallbacks"][0].startswith("resident+bf16: CUDA out of memory")
     assert messages == ["out of memory under plan resident+bf16; retrying with resident+bf16+enc-chunk8"]
     gc.collect()
     assert doomed[0]() is None
@@ -145,8 +150,9 @@ def test_oom_under_every_plan_is_a_clear_error(tiny_pipe, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(tiny_pipe.transformer, "forward", always)
+    engine = _engine(tiny_pipe)
     with pytest.raises(LensrunError, match="out of memory under every plan tried"):
-        tiny_pipe.run_planned([Plan()], prompt="a fox", seed=3, **SMALL)
+        engine.run([Task(engine.request(prompt="a fox", seed=3, height=32, width=48, steps=SMALL["num_inference_steps"]))], plans=[Plan()])
     tiny_pipe.apply_plan(Plan())
 
 
@@ -167,6 +173,13 @@ def test_memory_options_refused_on_cpu(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "o").exists()
+
+
+def _engine(pipe):
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    return Engine(pipe, EngineOptions(model="tiny-random", device="cpu"))
 
 
 def test_branches_forward_equals_separate_forwards(tiny_pipe):
@@ -211,13 +224,18 @@ def test_eight_gib_chooses_streaming_with_prediction_under_budget():
 
 
 def test_plan_choice_is_explained():
-    from lensrun.api import plans_for
+    """The engine plans for the most demanding request of a run (largest size, most steps, any CFG)."""
+    from lensrun.engine import plans_for
+    from lensrun.request import EngineOptions, GenerationRequest
 
-    plans, why = plans_for(torch.device("cuda"), 1088, 1936, 20, 5.0, vram="24GB")
+    sizes, cuda = memory.ComponentSizes.lens(), torch.device("cuda")
+    small = GenerationRequest.build(prompt="x", variant="turbo")
+    large = GenerationRequest.build(prompt="x", base_resolution=1440, aspect_ratio="16:9")
+    plans, why = plans_for(cuda, [small, large], EngineOptions(vram="24GB"), sizes, compiled=False)
     assert plans[0].name == "resident+bf16+vae-tiled" and len(plans) == 3
     assert why.startswith("plan resident+bf16+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
     assert "on out-of-memory: " + plans[1].name in why
-    assert plans_for(torch.device("cuda"), 1024, 1024, 20, 5.0, vram="80")[0][0] == Plan()
+    assert plans_for(cuda, [small], EngineOptions(vram="80"), sizes, compiled=False)[0][0] == Plan()
 
 
 def test_cached_prompts_skip_the_encode_phase(tiny_pipe, monkeypatch):

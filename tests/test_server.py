@@ -16,6 +16,8 @@ import uvicorn
 from PIL import Image
 
 from lensrun import LensPipeline
+from lensrun.engine import Engine
+from lensrun.request import EngineOptions
 from lensrun.server import create_app, host_warning
 
 EXTRA = {"steps": 2}
@@ -48,9 +50,13 @@ def pipe():
     return LensPipeline.tiny_random(device="cpu")
 
 
+def _engine(pipe):
+    return Engine(pipe, EngineOptions(model="tiny-random", device="cpu"))
+
+
 @pytest.fixture(scope="module")
 def server(pipe, tmp_path_factory):
-    srv = Server(create_app(pipe, tmp_path_factory.mktemp("files"), max_queue=32))
+    srv = Server(create_app(_engine(pipe), tmp_path_factory.mktemp("files"), max_queue=32))
     yield srv
     srv.stop()
 
@@ -156,16 +162,16 @@ def test_sixteen_concurrent_clients(server):
 def held(pipe, tmp_path):
     """An app whose worker blocks inside its first job until released."""
     gate = threading.Event()
-    original = pipe.run_planned
+    engine = _engine(pipe)
+    original = engine.run
 
     def slow(*args, **kwargs):
         on_step = kwargs["on_step"]
         kwargs["on_step"] = lambda i, n: (gate.wait(30), on_step(i, n))
         return original(*args, **kwargs)
 
-    app = create_app(pipe, tmp_path, api_key="s3cret", max_queue=1)
-    app.state.worker.pipe = type("P", (), {"run_planned": staticmethod(slow), "tokenizer": pipe.tokenizer,
-                                            "device": pipe.device, "plan": pipe.plan})()  # fmt: skip
+    engine.run = slow
+    app = create_app(engine, tmp_path, api_key="s3cret", max_queue=1)
     srv = Server(app)
     yield srv, gate
     gate.set()

@@ -13,7 +13,7 @@ SMALL = dict(height=32, width=48)
 
 
 def _request(**kw):
-    return GenerationRequest.build("x", **{"height": 32, "width": 48, "steps": 6, "cfg": 4.0, "seed": 1, **kw})
+    return GenerationRequest.build(prompt="x", **{"height": 32, "width": 48, "steps": 6, "cfg": 4.0, "seed": 1, **kw})
 
 
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"])
@@ -99,7 +99,7 @@ def test_step_cache_skips_blocks_and_reports(tiny_pipe):
 @pytest.mark.parametrize("kw, message", [(dict(variant="turbo"), "Turbo has no steps"), (dict(cache=1.5), "in \\(0, 1\\)")])
 def test_step_cache_refused(kw, message):
     with pytest.raises(LensrunError, match=message):
-        GenerationRequest.build("x", cache=kw.pop("cache", 0.05), **kw)
+        GenerationRequest.build(prompt="x", cache=kw.pop("cache", 0.05), **kw)
 
 
 def test_precision_checks_and_filter(tiny_pipe):

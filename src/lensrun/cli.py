@@ -17,16 +17,16 @@ TINY_NOTICE = (
 
 
 def _add(p: argparse.ArgumentParser, spec: OptionSpec, **overrides) -> None:
-    """One option as a flag; an absent flag leaves the option at its definition's default."""
-    kw: dict = {"default": argparse.SUPPRESS, "help": spec.help, "dest": spec.name}
+    """One option as a flag; an absent flag leaves the option at its definition's default. Allowed values are
+    listed in the help and checked by the request's own validation (its message names the option)."""
+    choices = f" (one of: {', '.join(map(str, spec.choices))})" if spec.choices else ""
+    kw: dict = {"default": argparse.SUPPRESS, "help": spec.help + choices, "dest": spec.name}
     if spec.type is bool:
         kw["action"] = "store_true" if spec.default is False else argparse.BooleanOptionalAction
     else:
         kw["type"] = spec.type
         if spec.repeated:
             kw["action"] = "append"
-        if spec.choices:
-            kw["choices"] = list(spec.choices)
     kw.update(overrides)
     p.add_argument(spec.flag, **kw)
 

@@ -338,7 +338,7 @@ class _Run:
         self.on_result = on_result
         self.say = say
         self.plans: list[memory.Plan] = []
-        self.fallbacks: list[str] = []
+        self.errors: list[str] = []  # out-of-memory errors of this run, one per plan given up
         self.results = [Result(t) for t in tasks]
         self.conditions: dict[int, tuple] = {}
         self.latents: dict[int, torch.Tensor] = {}
@@ -364,6 +364,7 @@ class _Run:
                         work(todo[0])
                     except torch.OutOfMemoryError as err:
                         oom = str(err).splitlines()[0][:200]
+                        todo[0].report.setdefault("fallbacks", []).append(f"{self.plans[0].name}: {oom}")
                         break
                     except Cancelled:
                         raise
@@ -376,12 +377,12 @@ class _Run:
     def fall_back(self, error: str) -> None:
         """Outside the ``except`` block (its traceback holds the failed step's tensors): free, then re-plan."""
         failed = self.plans.pop(0)
-        self.fallbacks.append(f"{failed.name}: {error}")
+        self.errors.append(f"{failed.name}: {error}")
         gc.collect()
         if self.pipe.device.type == "cuda":
             torch.cuda.empty_cache()
         if not self.plans:
-            raise LensrunError(f"out of memory under every plan tried: {'; '.join(self.fallbacks)}")
+            raise LensrunError(f"out of memory under every plan tried: {'; '.join(self.errors)}")
         self.say(f"out of memory under plan {failed.name}; retrying with {self.plans[0].name}")
         self.engine._apply(self.plans[0], self.pipe.compiled)
 
@@ -418,7 +419,8 @@ class _Run:
             image = to_pil(decode_tokens(self.pipe.vae, self.latents.pop(id(r)), req.grid))[0]
             r.report["seconds"]["decode"] = round(_synced(self.pipe.device) - start, 3)
             r.config = self.engine.recipe(req)
-            r.report.update(plan=self.pipe.plan.name, compiled=self.pipe.compiled, fallbacks=list(self.fallbacks))
+            r.report.update(plan=self.pipe.plan.name, compiled=self.pipe.compiled)
+            r.report.setdefault("fallbacks", [])
             if self.pipe.device.type == "cuda":
                 r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
                 r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)

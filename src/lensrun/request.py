@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 import secrets
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -97,8 +98,8 @@ def option_specs(cls: type) -> list[OptionSpec]:
     specs = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        scalar = args[0]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        scalar = next(a for a in typing.get_args(hint) if a is not type(None)) if union else hint
         repeated = typing.get_origin(scalar) in (list, tuple)
         if repeated:
             scalar = typing.get_args(scalar)[0]
