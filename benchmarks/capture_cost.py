@@ -19,7 +19,7 @@ ap.add_argument("--precision", default="bf16")
 args = ap.parse_args()
 ensure_checkpoint(args.root, device="cuda")
 p = LensPipeline.from_pretrained(args.root, dtype=torch.bfloat16, device="cuda").optimize(True, args.precision)
-req = GenerationRequest.build("x", seed=7, base_resolution=1024, aspect_ratio="1:1", steps=4, cfg=5.0)
+req = GenerationRequest.build(prompt="x", seed=7, base_resolution=1024, aspect_ratio="1:1", steps=4, cfg=5.0)
 cond = p.encode_one("a lighthouse on a cliff at dusk")
 empty = [f[:, :0] for f in cond]
 noise = p.initial_noise(7, req.grid)

@@ -49,7 +49,10 @@ def main() -> None:
 
     def forget_prompts() -> None:
         """Both modes must encode their prompts: empty the prompt cache (memory and disk) between them."""
-        for pipe in api._PIPELINES.values():
+        from lensrun.engine import Engine
+
+        for engine in Engine._shared.values():
+            pipe = engine.pipe
             pipe.prompt_cache._memory.clear()
             if pipe.prompt_cache.folder is not None:
                 shutil.rmtree(pipe.prompt_cache.folder, ignore_errors=True)
@@ -62,13 +65,8 @@ def main() -> None:
     forget_prompts()
     t0 = time.perf_counter()
     for e in entries:
-        s = e.settings
-        api.generate(
-            s["prompt"], model=model, device=device, vram=vram, compile=False, negative_prompt=s.get("negative_prompt"),
-            base_resolution=s.get("base_resolution"), aspect_ratio=s.get("aspect_ratio"), height=s.get("height"),
-            width=s.get("width"), steps=s.get("steps"), cfg=s.get("cfg"), seed=s["seed"], n=s.get("n", 1),
-            variant=s.get("variant"), out=out / "single",
-        )  # fmt: skip
+        options = {k: v for k, v in e.settings.items() if k not in ("name", "prompt")}
+        api.generate(e.settings["prompt"], model=model, device=device, vram=vram, compile=False, out=out / "single", **options)
     single = time.perf_counter() - t0
     images = summary["done"]
     report = {

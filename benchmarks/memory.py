@@ -28,8 +28,9 @@ SIZES = {"1024 1:1": (1024, 1024), "1440 16:9": (1088, 1936)}
 
 def cell(root: str, budget: float | None, size: str, force_resident: bool) -> dict:
     """One generation under a budget; returns what the table needs."""
-    from lensrun import LensPipeline, memory
-    from lensrun.api import plans_for
+    from lensrun import memory
+    from lensrun.engine import Engine, Task, plans_for
+    from lensrun.request import EngineOptions, GenerationRequest
 
     height, width = SIZES[size]
     device = torch.device("cuda", torch.cuda.current_device())
@@ -37,25 +38,27 @@ def cell(root: str, budget: float | None, size: str, force_resident: bool) -> di
     if budget is not None:
         torch.cuda.set_per_process_memory_fraction(budget * GIB / total, device)
     vram = budget if budget is not None else total / GIB
+    options = EngineOptions(model=root, vram=str(vram), compile=False)
+    request = GenerationRequest.build(prompt="a cinematic mountain lake at sunrise", seed=42, height=height, width=width)
     try:
-        plans, _ = plans_for(device, height, width, 20, 5.0, vram=vram)
-    except Exception as err:  # noqa: BLE001 - reported in the table
+        plans, _ = plans_for(device, [request], options, memory.ComponentSizes.lens(), compiled=False)
+    except Exception as err:
         return {"error": str(err)}
     if force_resident:
         plans = [memory.Plan(), *plans]
     pred = memory.predict(plans[0], memory.ComponentSizes.lens(), height, width)
-    pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cpu")
-    pipe._device = device
+    engine = Engine.load(options)  # weights in CPU memory: each plan places them
     notes: list[str] = []
     if not force_resident:  # warm kernels and pinned buffers, so the timed run is a steady-state one
-        pipe.run_planned(plans, prompt="warm up", seed=1, height=height, width=width, num_inference_steps=2)
+        warm = GenerationRequest.build(prompt="warm up", seed=1, height=height, width=width, steps=2)
+        engine.run([Task(warm)], plans=list(plans))
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    out = pipe.run_planned(plans, notify=notes.append, prompt="a cinematic mountain lake at sunrise", seed=42,
-                           height=height, width=width, output_type="pil")  # fmt: skip
+    [result] = engine.run([Task(request)], plans=list(plans), notify=notes.append)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    out = result
     final = memory.predict(
         next(p for p in plans if p.name == out.report["plan"]), memory.ComponentSizes.lens(), height, width
     )

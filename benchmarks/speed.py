@@ -106,7 +106,7 @@ def main() -> None:
     pipe = LensPipeline.from_pretrained(root, dtype=dtype, device=device)
     rename = {"steps": "num_inference_steps", "cfg": "guidance_scale"}
     cases_kw = {k: {rename.get(a, a): b for a, b in v.items()} | {"output_type": "pt"} for k, v in CASES.items()}
-    reqs = {k: GenerationRequest.build(PROMPT, seed=7, **v) for k, v in CASES.items() if k in args.cases.split(",")}
+    reqs = {k: GenerationRequest.build(prompt=PROMPT, seed=7, **v) for k, v in CASES.items() if k in args.cases.split(",")}
     cond = pipe.encode_one(PROMPT)
     empty = [f[:, :0] for f in cond]
     text_len = cond[0].shape[1]
@@ -121,7 +121,7 @@ def main() -> None:
         for case, req in reqs.items():
             if mode == "compiled+cache" and req.steps < 8:
                 continue
-            r = GenerationRequest.build(PROMPT, seed=7, cache=0.05 if mode == "compiled+cache" else None, **CASES[case])
+            r = GenerationRequest.build(prompt=PROMPT, seed=7, cache=0.05 if mode == "compiled+cache" else None, **CASES[case])
             uncond = empty if r.cfg != 1.0 else None
             if mode == "baseline":
                 fn = lambda: p.denoise_reference(noise[case], cond, empty, r)

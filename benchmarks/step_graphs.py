@@ -45,7 +45,7 @@ def main() -> None:
     ensure_checkpoint(root, device="cuda")
     t0 = time.perf_counter()
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, args.precision)
-    req = GenerationRequest.build(PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0)
+    req = GenerationRequest.build(prompt=PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0)
     cond = pipe.encode_one(PROMPT)
     empty = [f[:, :0] for f in cond]
     noise = pipe.initial_noise(7, req.grid)

@@ -6,10 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["LENSRUN_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="lensrun-test-cache-")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 if not torch.cuda.is_available():  # Triton kernels run through its CPU interpreter (read when triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")

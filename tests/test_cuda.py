@@ -6,11 +6,19 @@ import gc
 import pytest
 import torch
 
+from lensrun.engine import Task
 from lensrun.memory import Plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SMALL = dict(height=64, width=96, num_inference_steps=3, output_type="latent")
+
+
+def _engine(pipe):
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    return Engine(pipe, EngineOptions(model="tiny-random", compile=False))
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +65,16 @@ def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
         return inner(*args, **kwargs)
 
     gpu_pipe.transformer.forward = greedy
+    engine = _engine(gpu_pipe)
     try:
-        out = gpu_pipe.run_planned([Plan(), Plan(encoder_chunk=8)], prompt="x", seed=1, **SMALL)
+        task = Task(engine.request(prompt="x", seed=1, height=64, width=96, steps=3))
+        [result] = engine.run([task], plans=[Plan(), Plan(encoder_chunk=8)])
     finally:
         del gpu_pipe.transformer.forward
         gpu_pipe.apply_plan(Plan())
-    assert out.report["plan"] == "resident+bf16+enc-chunk8"
-    assert "out of memory" in out.report["fallbacks"][0].lower()
-    rec = out.report["recoveries"][0]
+    assert result.report["plan"] == "resident+bf16+enc-chunk8"
+    assert "out of memory" in result.report["fallbacks"][0].lower()
+    rec = result.report["recoveries"][0]
     assert abs(rec["allocated_after_cleanup_gib"] - rec["allocated_before_gib"]) < 0.01
     gc.collect()
     torch.cuda.synchronize()
@@ -74,9 +84,8 @@ def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
 def test_fused_experts_match_decoded_experts_at_full_size():
     """The Triton kernel path of a full-size GPT-OSS expert layer equals decode-then-matmul (bf16)."""
     from lensrun import mxfp4
-    from lensrun.models.text_encoder import Mxfp4Experts
     from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
-    from lensrun.models.text_encoder import gpt_oss_config
+    from lensrun.models.text_encoder import Mxfp4Experts, gpt_oss_config
 
     config = gpt_oss_config(FULL_TEXT_ENCODER_CONFIG)
     experts = Mxfp4Experts(config).cuda()
@@ -158,10 +167,13 @@ def test_server_plans_each_request_for_the_gpu(gpu_pipe, tmp_path):
 
     TestClient = pytest.importorskip("fastapi.testclient", reason="the serve extra (fastapi) is not installed").TestClient
 
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
     from lensrun.server import create_app
 
     gpu_pipe.apply_plan(Plan())
-    with TestClient(create_app(gpu_pipe, tmp_path, vram="8GB")) as client:
+    engine = Engine(gpu_pipe, EngineOptions(model="tiny-random", vram="8GB", compile=False))
+    with TestClient(create_app(engine, tmp_path)) as client:
         r = client.post("/v1/images/generations",
                         json={"prompt": "a kite", "size": "96x64", "response_format": "b64_json", "steps": 2, "seed": 1})  # fmt: skip
     gpu_pipe.apply_plan(Plan())

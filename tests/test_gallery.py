@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lensrun import LensrunError, api
 import lensrun.gallery as g
+from lensrun import LensrunError, api
 from lensrun.cli import main
 
 TOML = """

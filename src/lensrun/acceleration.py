@@ -16,6 +16,7 @@ from torch import nn
 from lensrun.errors import LensrunError
 from lensrun.request import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 - re-exported
 
+
 def check_precision(precision: str, device: torch.device) -> str:
     """Refuse, with the reason, precisions this machine cannot run; returns the canonical name."""
     precision = normalize_precision(precision)

@@ -259,7 +259,7 @@ class Engine:
 
         try:
             artifacts = torch.compiler.save_cache_artifacts()
-        except Exception:  # noqa: BLE001 - the artifact API is an optimisation; the on-disk caches remain
+        except Exception:
             artifacts = None
         if artifacts is not None:
             write_atomic(path.with_suffix(".bin"), lambda f: f.write(artifacts[0]))
@@ -277,7 +277,7 @@ def _load_compile_artifacts(key: str) -> None:
     if path.is_file():
         try:
             torch.compiler.load_cache_artifacts(path.read_bytes())
-        except Exception:  # noqa: BLE001 - stale or foreign artifacts: compile as if cold
+        except Exception:
             pass
 
 
@@ -360,6 +360,7 @@ class _Run:
             oom = None
             with phase():
                 while todo:
+                    before = self.allocated_gib()
                     try:
                         work(todo[0])
                     except torch.OutOfMemoryError as err:
@@ -368,11 +369,18 @@ class _Run:
                         break
                     except Cancelled:
                         raise
-                    except Exception as err:  # noqa: BLE001 - recorded per image when isolating
+                    except Exception as err:
                         self.fail(todo[0], err)
                     todo.pop(0)
             if oom is not None:
                 self.fall_back(oom)
+                todo[0].report.setdefault("recoveries", []).append(
+                    {"allocated_before_gib": before, "allocated_after_cleanup_gib": self.allocated_gib()}
+                )
+
+    def allocated_gib(self) -> float:
+        device = self.pipe.device
+        return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
     def fall_back(self, error: str) -> None:
         """Outside the ``except`` block (its traceback holds the failed step's tensors): free, then re-plan."""

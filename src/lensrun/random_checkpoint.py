@@ -16,11 +16,19 @@ from safetensors.torch import save_file
 
 from lensrun import mxfp4
 from lensrun.configs import (
-    FULL_TEXT_ENCODER_CONFIG, FULL_TRANSFORMER_CONFIG, FULL_VAE_CONFIG, LENS_SCHEDULER_CONFIG, MODEL_INDEX,
-    TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, text_encoder_meta_state,
-    transformer_meta_state, vae_meta_state,
+    FULL_TEXT_ENCODER_CONFIG,
+    FULL_TRANSFORMER_CONFIG,
+    FULL_VAE_CONFIG,
+    LENS_SCHEDULER_CONFIG,
+    MODEL_INDEX,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_TRANSFORMER_CONFIG,
+    TINY_VAE_CONFIG,
+    text_encoder_meta_state,
+    transformer_meta_state,
+    vae_meta_state,
 )  # fmt: skip
-from lensrun.prompting import HARMONY_SPECIAL_TOKENS, SYSTEM_PROMPT, ASSISTANT_THINKING, PAD_TOKEN
+from lensrun.prompting import ASSISTANT_THINKING, HARMONY_SPECIAL_TOKENS, PAD_TOKEN, SYSTEM_PROMPT
 
 _TOKENIZER_CORPUS = [
     SYSTEM_PROMPT, ASSISTANT_THINKING,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler
