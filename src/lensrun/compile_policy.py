@@ -17,10 +17,10 @@ from pathlib import Path
 # Eager over compiled denoise time: H100 2026-11-26 (docs/performance.md): 3.542 / 1.555 s at 1024²,
 # 7.836 / 4.063 s at 1440² 16:9, 0.376 / 0.163 s Turbo.
 EAGER_OVER_COMPILED = 2.0
-# Seconds a first compilation adds to a run (tracing, code generation, autotuning; H200, 2026-11-28,
-# benchmarks/first_image.py): with empty caches, and with this machine's caches warm.
-COLD_COMPILE_S = 30.0
-WARM_COMPILE_S = 6.0
+# Seconds compiling adds to a one-image process (tracing, code generation, compile workers; H200, torch 2.11,
+# 2026-11-28, benchmarks/first_image.py): 53.8 vs 30.6 s with empty caches, 31.6 vs 21.9 s with warm ones.
+COLD_COMPILE_S = 23.0
+WARM_COMPILE_S = 10.0
 
 
 @dataclass(frozen=True)

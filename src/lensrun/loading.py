@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -80,9 +81,12 @@ def _key_to_file(folder: Path) -> dict[str, Path]:
     """Map every tensor name to its shard (headers only)."""
     mapping: dict[str, Path] = {}
     for file in safetensor_files(folder):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                mapping[key] = file
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    mapping[key] = file
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise LensrunError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     return mapping
 
 
@@ -129,3 +133,43 @@ def load_safetensors_folder(
             for key in keys:
                 out[key] = f.get_tensor(key)
     return out
+
+
+class TensorReader:
+    """Reads checkpoint folders' tensors onto ``device`` in a background thread, so the weights travel while
+    the caller imports the model code and builds the models (both take seconds; the copies release the GIL).
+
+    ``skip``: per component, names that are never read (e.g. the encoder's ``lm_head``)."""
+
+    def __init__(self, folders: dict[str, Path], device: torch.device, skip: dict[str, set[str]] | None = None) -> None:
+        self.folders, self.device, self.skip = folders, device, skip or {}
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in folders}
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="lensrun-weights", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for name, folder in self.folders.items():
+                skip = self.skip.get(name, set())
+                for file in safetensor_files(folder):
+                    with safe_open(file, framework="pt", device=str(self.device)) as f:
+                        for key in f.keys():
+                            if self.stop.is_set():
+                                return
+                            if key not in skip:
+                                self.tensors[name][key] = f.get_tensor(key)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller in take()
+            self.error = err
+
+    def take(self, name: str) -> dict[str, torch.Tensor]:
+        """One component's tensors (waits for the reader); a read error is raised here, naming the folder."""
+        self.thread.join()
+        if self.error is not None:
+            raise LensrunError(f"{self.folders[name]}: reading the weights failed: {self.error}") from None
+        return self.tensors.pop(name)
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.thread.join()

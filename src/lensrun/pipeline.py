@@ -110,26 +110,35 @@ class LensPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = loading.resolve_model(model)
         loading.check_layout(root)
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-        from transformers import PreTrainedTokenizerFast
+        parts = {name: root / name for name in ("transformer", "text_encoder", "vae")}
+        reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
+        try:
+            # While the reader copies the weights, import the model code and check every shape (headers only).
+            from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+            from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+            from transformers import PreTrainedTokenizerFast
 
-        from lensrun.configs import transformer_meta_state, vae_meta_state
-        from lensrun.models.text_encoder import LensTextEncoder
-        from lensrun.models.transformer_lens import LensTransformer2DModel
+            from lensrun.configs import transformer_meta_state, vae_init_kwargs, vae_meta_state
+            from lensrun.models.text_encoder import LensTextEncoder
+            from lensrun.models.transformer_lens import LensTransformer2DModel
 
-        t_config = LensTransformer2DModel.load_config(root / "transformer")
-        loading.check_shapes(root / "transformer", transformer_meta_state(_init_kwargs(t_config)))
-        v_config = AutoencoderKLFlux2.load_config(root / "vae")
-        loading.check_shapes(root / "vae", vae_meta_state(v_config))
-        place = {"device_map": str(device)} if device.type == "cuda" else {}
+            t_config = _init_kwargs(LensTransformer2DModel.load_config(root / "transformer"))
+            loading.check_shapes(root / "transformer", transformer_meta_state(t_config))
+            v_config = vae_init_kwargs(AutoencoderKLFlux2.load_config(root / "vae"))
+            loading.check_shapes(root / "vae", vae_meta_state(v_config))
+        except BaseException:
+            reader.cancel()
+            raise
         with _quiet_diffusers():
-            transformer = LensTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, **place)
-            vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **place)
+            transformer = _assemble(LensTransformer2DModel, t_config, reader.take("transformer"), dtype)
+            vae = _assemble(AutoencoderKLFlux2, v_config, reader.take("vae"), dtype)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
-        text_encoder = LensTextEncoder.from_pretrained(root / "text_encoder", layers, dtype=encoder_dtype, device=device)
+        text_encoder = LensTextEncoder.from_pretrained(
+            root / "text_encoder", layers, dtype=encoder_dtype, device=device, tensors=reader.take("text_encoder")
+        )
         cache = PromptCache(folder_fingerprint(root / "text_encoder"), default_cache_dir() / "prompts")
         pipe = cls(
             transformer, vae, scheduler, text_encoder, tokenizer, model_name=name or str(model), variant=variant,
@@ -552,6 +561,20 @@ def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype
     """Noise drawn where the generator lives (a CPU generator gives the same numbers on every GPU), then moved."""
     where = "cpu" if generator.device.type == "cpu" else device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def _assemble(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A diffusers model from its config and its already-read tensors (no second copy): built on the meta
+    device, then each tensor converted where it lies and assigned."""
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LensrunError(f"weight '{missing[0]}' is missing from the {cls.__name__} checkpoint")
+    model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
+    return model.eval()
 
 
 def _init_kwargs(config: dict) -> dict:

@@ -269,15 +269,20 @@ class LensTextEncoder(nn.Module):
         selected_layers: tuple[int, ...],
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        tensors: dict[str, torch.Tensor] | None = None,
     ) -> LensTextEncoder:
-        """Load from a ``text_encoder/`` folder (config.json + safetensors shards), experts kept packed."""
-        from lensrun.loading import load_safetensors_folder
+        """Load from a ``text_encoder/`` folder (config.json + safetensors shards), experts kept packed.
+        ``tensors``: the folder's tensors already read (``loading.TensorReader``); checked against the model."""
+        from lensrun.loading import check_shapes, load_safetensors_folder
 
         folder = Path(folder)
         config = gpt_oss_config(json.loads((folder / "config.json").read_text()))
         model = cls._build_meta(config, selected_layers, dtype)
         expected = {"model." + k: v for k, v in model.state_dict().items()}
-        tensors = load_safetensors_folder(folder, expected, device=device)
+        if tensors is None:
+            tensors = load_safetensors_folder(folder, expected, device=device)
+        else:
+            check_shapes(folder, expected)
         state = {}
         for key in expected:
             t = tensors[key]
