@@ -83,9 +83,11 @@ def attention_kernels(device: torch.device):
 
 
 def compile_cache_dir() -> Path:
-    """Inductor's on-disk cache, kept between runs so a resolution compiles once per machine."""
+    """Inductor's on-disk cache, kept between runs under lensrun's cache folder (or where the user's own
+    ``TORCHINDUCTOR_CACHE_DIR`` points), so a shape compiles once per machine."""
+    from lensrun import USER_INDUCTOR_CACHE
     from lensrun.prompt_cache import default_cache_dir
 
-    folder = default_cache_dir() / "inductor"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder = USER_INDUCTOR_CACHE or str(default_cache_dir() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # inductor reads it at each look-up
+    return Path(folder)

@@ -267,9 +267,10 @@ class Engine:
 
 
 def _compile_folder() -> Path:
-    from lensrun.acceleration import compile_cache_dir
+    """Where the warm-cache markers and torch's cache artifacts live: lensrun's cache folder."""
+    from lensrun.prompt_cache import default_cache_dir
 
-    return compile_cache_dir().parent
+    return default_cache_dir()
 
 
 def _load_compile_artifacts(key: str) -> None:

@@ -136,40 +136,47 @@ def load_safetensors_folder(
 
 
 class TensorReader:
-    """Reads checkpoint folders' tensors onto ``device`` in a background thread, so the weights travel while
-    the caller imports the model code and builds the models (both take seconds; the copies release the GIL).
+    """Reads checkpoint folders' tensors onto ``device`` in background threads (one per shard, a few at once),
+    so the weights travel while the caller imports the model code and builds the models; the copies release
+    the GIL. ``skip``: per component, names that are never read (e.g. the encoder's ``lm_head``)."""
 
-    ``skip``: per component, names that are never read (e.g. the encoder's ``lm_head``)."""
+    WORKERS = 4
 
     def __init__(self, folders: dict[str, Path], device: torch.device, skip: dict[str, set[str]] | None = None) -> None:
-        self.folders, self.device, self.skip = folders, device, skip or {}
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in folders}
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, name="lensrun-weights", daemon=True)
-        self.thread.start()
+        from concurrent.futures import ThreadPoolExecutor
 
-    def _read(self) -> None:
-        try:
-            for name, folder in self.folders.items():
-                skip = self.skip.get(name, set())
-                for file in safetensor_files(folder):
-                    with safe_open(file, framework="pt", device=str(self.device)) as f:
-                        for key in f.keys():
-                            if self.stop.is_set():
-                                return
-                            if key not in skip:
-                                self.tensors[name][key] = f.get_tensor(key)
-        except BaseException as err:  # noqa: BLE001 - handed to the caller in take()
-            self.error = err
+        self.folders, self.device, self.skip = folders, device, skip or {}
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="lensrun-weights")
+        self.futures = {
+            name: [self.pool.submit(self._read_file, file, self.skip.get(name, set())) for file in safetensor_files(folder)]
+            for name, folder in folders.items()
+        }
+        self.pool.shutdown(wait=False)
+
+    def _read_file(self, file: Path, skip: set[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        with safe_open(file, framework="pt", device=str(self.device)) as f:
+            for key in f.keys():
+                if self.stop.is_set():
+                    break
+                if key not in skip:
+                    out[key] = f.get_tensor(key)
+        return out
 
     def take(self, name: str) -> dict[str, torch.Tensor]:
-        """One component's tensors (waits for the reader); a read error is raised here, naming the folder."""
-        self.thread.join()
-        if self.error is not None:
-            raise LensrunError(f"{self.folders[name]}: reading the weights failed: {self.error}") from None
-        return self.tensors.pop(name)
+        """One component's tensors (waits for its shards); a read error is raised here, naming the folder."""
+        tensors: dict[str, torch.Tensor] = {}
+        for future in self.futures.pop(name):
+            try:
+                tensors.update(future.result())
+            except Exception as err:  # noqa: BLE001 - safetensors and CUDA raise their own types
+                self.cancel()
+                raise LensrunError(f"{self.folders[name]}: reading the weights failed: {err}") from None
+        return tensors
 
     def cancel(self) -> None:
         self.stop.set()
-        self.thread.join()
+        for futures in self.futures.values():
+            for future in futures:
+                future.cancel()
