@@ -42,7 +42,7 @@ def test_every_placement_gives_the_resident_image(gpu_pipe, placement):
             assert not any(on_gpu)
         if placement == "stream":  # at most the window of the encoder's 4 layers was ever on the GPU
             layers = [next(layer.parameters()).is_cuda for layer in gpu_pipe.text_encoder.layers]
-            assert sum(layers) <= 2 and gpu_pipe.text_encoder.streamer.peak_window == 2
+            assert sum(layers) <= 2 and gpu_pipe.placer.streamers["text_encoder"].peak_window == 2
     finally:
         gpu_pipe.apply_plan(Plan())
     torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
@@ -55,7 +55,7 @@ def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     free, _ = torch.cuda.mem_get_info()
-    inner = gpu_pipe.transformer.forward
+    inner = gpu_pipe.transformer.forward_branches
     state = {"failed": False}
 
     def greedy(*args, **kwargs):
@@ -64,13 +64,13 @@ def test_real_cuda_oom_recovers_and_returns_memory(gpu_pipe):
             _hog = torch.empty(free + 2**30, dtype=torch.uint8, device="cuda")  # more than the card has free
         return inner(*args, **kwargs)
 
-    gpu_pipe.transformer.forward = greedy
+    gpu_pipe.transformer.forward_branches = greedy
     engine = _engine(gpu_pipe)
     try:
         task = Task(engine.request(prompt="x", seed=1, height=64, width=96, steps=3))
         [result] = engine.run([task], plans=[Plan(), Plan(encoder_chunk=8)])
     finally:
-        del gpu_pipe.transformer.forward
+        del gpu_pipe.transformer.forward_branches
         gpu_pipe.apply_plan(Plan())
     assert result.report["plan"] == "resident+bf16+enc-chunk8"
     assert "out of memory" in result.report["fallbacks"][0].lower()

@@ -11,7 +11,7 @@ from lensrun import LensrunError, memory
 from lensrun.cli import main
 from lensrun.engine import Task
 from lensrun.memory import GIB, Plan
-from lensrun.placement import HostedWeights
+from lensrun.placement import HostedWeights, StreamedModule
 
 SMALL = dict(height=32, width=48, num_inference_steps=2, output_type="latent")
 
@@ -117,7 +117,7 @@ def test_plan_settings_are_applied(tiny_pipe):
 
 def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkeypatch):
     expected = tiny_pipe("a fox", seed=3, **{**SMALL, "output_type": "pil"}).images
-    inner = tiny_pipe.transformer.forward
+    inner = tiny_pipe.transformer.forward_branches
     state = {"failed": False}
     doomed = []
 
@@ -129,7 +129,7 @@ def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkey
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_pipe.transformer, "forward", flaky)
+    monkeypatch.setattr(tiny_pipe.transformer, "forward_branches", flaky)
     messages = []
     plans = [Plan(), Plan(encoder_chunk=8)]
     engine = _engine(tiny_pipe)
@@ -148,7 +148,7 @@ def test_oom_under_every_plan_is_a_clear_error(tiny_pipe, monkeypatch):
     def always(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(tiny_pipe.transformer, "forward", always)
+    monkeypatch.setattr(tiny_pipe.transformer, "forward_branches", always)
     engine = _engine(tiny_pipe)
     with pytest.raises(LensrunError, match="out of memory under every plan tried"):
         engine.run([Task(engine.request(prompt="a fox", seed=3, height=32, width=48, steps=SMALL["num_inference_steps"]))], plans=[Plan()])
@@ -200,7 +200,7 @@ def test_stream_plan_runs_blocks_through_a_window(tiny_pipe):
     tiny_pipe.prompt_cache._memory.clear()
     try:
         tiny_pipe.apply_plan(Plan(placement="stream", stream_window=2))
-        blocks, layers = tiny_pipe.transformer.streamer, tiny_pipe.text_encoder.streamer
+        blocks, layers = tiny_pipe.placer.streamers["transformer"], tiny_pipe.placer.streamers["text_encoder"]
         out = tiny_pipe(prompt, seed=5, **SMALL)
         assert out.report["plan"].startswith("stream+bf16")
         assert blocks.peak_window == 2 and len(blocks.hosted) == 2
@@ -211,7 +211,7 @@ def test_stream_plan_runs_blocks_through_a_window(tiny_pipe):
         assert not any(h.on_device for h in layers.hosted + blocks.hosted)
     finally:
         tiny_pipe.apply_plan(Plan())
-    assert tiny_pipe.transformer.streamer is None
+    assert not any(isinstance(b, StreamedModule) for b in tiny_pipe.transformer.transformer_blocks)
     assert torch.equal(out.images, expected)
 
 

@@ -18,7 +18,6 @@ class CountingTransformer(torch.nn.Module):
         self.inner = inner
         self.config = inner.config
         self.img_in = inner.img_in
-        self.streamer = None
         self.text_lengths = []
 
     def conditioning(self, timestep):
@@ -27,6 +26,10 @@ class CountingTransformer(torch.nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
         self.text_lengths.append(encoder_hidden_states[0].shape[1])
         return self.inner(hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    def forward_branches(self, hidden_states, branches, *args, **kwargs):
+        self.text_lengths.extend(b[0].shape[1] for b in branches)
+        return self.inner.forward_branches(hidden_states, branches, *args, **kwargs)
 
 
 def _counting(pipe, variant=None):

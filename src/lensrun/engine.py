@@ -238,10 +238,10 @@ class Engine:
         pipe = self.pipe
         if plan.precision != pipe.precision and pipe.precision != "bf16":
             raise LensrunError(f"the DiT is quantized to {pipe.precision}; this run needs {plan.precision}: start a new process")
-        pipe.apply_plan(plan, self.device)
-        if compile and not pipe.compiled:
+        if compile and not pipe.compiled:  # before placement: a stream plan wraps the blocks it streams
             _load_compile_artifacts(self._compile_key(plan))
             pipe.optimize(compile=True, precision=pipe.precision)
+        pipe.apply_plan(plan, self.device)
 
     def _compile_key(self, plan: memory.Plan) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"

@@ -383,8 +383,8 @@ class LensPipeline:
             for i in range(req.steps):
                 t = timesteps[i : i + 1]
                 step_cond = conditioning.select(i)
-                if uncond is not None and self.transformer.streamer is not None and not req.cache:
-                    # Streamed weights: both branches per block, so each block is copied once per step.
+                if uncond is not None and not req.cache:
+                    # Both branches block by block: a block's weights are read (or streamed) once per step.
                     v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond)
                     v = guided_velocity(v.float(), v_u.float(), req.cfg)
                 else:

@@ -10,6 +10,9 @@
 
 Swapping replaces each tensor's storage (``tensor.data``) rather than moving modules, so nothing else (the
 pipeline's notion of its device, compiled graphs, hooks) notices; leaving a phase just drops the GPU copies.
+Streaming is installed from outside the models: while a stream plan is applied, the DiT's block list and the
+encoder's layer list are replaced by lists of ``StreamedModule`` stand-ins, and put back when the plan is
+released. The model files know nothing of placement.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ class HostedWeights:
 
 class Streamer:
     """Runs a sequence of modules whose weights live in pinned CPU memory, keeping ``window`` of them on the
-    GPU: ``before(i)`` waits for module i (fetching it if needed) and starts copying the next ones on a side
-    stream; ``after(i)`` drops module i's GPU copy (its memory is reused only once the compute stream is past)."""
+    GPU: ``before(i)`` drops the modules outside [i, i + window), waits for module i (fetching it if needed)
+    and starts copying the next ones on a side stream. Module i stays until a later one is needed, so calling
+    it again (another CFG branch) costs no copy; a dropped copy's memory is reused only once the compute
+    stream is past it."""
 
     def __init__(self, modules: list[nn.Module], device: torch.device, window: int = 2) -> None:
         self.device = device
@@ -83,6 +88,11 @@ class Streamer:
         self.ready[i % len(self.hosted)] = event
 
     def before(self, i: int) -> None:
+        keep = {j % len(self.hosted) for j in range(i, i + self.window)}
+        for j, hosted in enumerate(self.hosted):
+            if hosted.on_device and j not in keep:
+                hosted.unload()
+                self.ready.pop(j, None)
         self._fetch(i)
         event = self.ready.pop(i, None)
         if event is not None:
@@ -94,11 +104,8 @@ class Streamer:
             self._fetch(j)
         self.peak_window = max(self.peak_window, sum(h.on_device for h in self.hosted))
 
-    def after(self, i: int) -> None:
-        self.hosted[i].unload()
-
     def idle(self) -> None:
-        """End of a phase: drop what was prefetched for a next pass (the next phase needs the memory)."""
+        """End of a phase: drop what is on the GPU (the next phase needs the memory)."""
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         for hosted in self.hosted:
@@ -113,6 +120,37 @@ class Streamer:
             hosted.release()
 
 
+class StreamedModule(nn.Module):
+    """Stands in for module ``index`` of a streamed list: its weights are fetched before each call (and before
+    ``modulation``, the DiT block's per-step conditioning)."""
+
+    def __init__(self, inner: nn.Module, streamer: Streamer, index: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        self._streamer = [streamer]  # a plain list: not a submodule, not in the state dict
+
+    def forward(self, *args, **kwargs):
+        self._streamer[0].before(self.index)
+        return self.inner(*args, **kwargs)
+
+    def modulation(self, *args, **kwargs):
+        self._streamer[0].before(self.index)
+        return self.inner.modulation(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Other attributes (sub-layers, settings) are the inner module's; reading them moves no weights."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _streamed(modules: nn.ModuleList, device: torch.device, window: int) -> tuple[nn.ModuleList, Streamer]:
+    streamer = Streamer(list(modules), device, window)
+    return nn.ModuleList(StreamedModule(m, streamer, i) for i, m in enumerate(modules)), streamer
+
+
 class Placer:
     """Applies a plan to a pipeline's components and brings the right one onto the GPU for each phase."""
 
@@ -123,6 +161,8 @@ class Placer:
         self.plan = plan
         self.device = pipe.device
         self.hosted: dict[str, HostedWeights] = {}
+        self.streamers: dict[str, Streamer] = {}  # component → its streamer, under a stream plan
+        self._replaced: list[tuple[nn.Module, str, nn.ModuleList]] = []  # (owner, attribute, original list)
 
     def apply(self) -> None:
         pipe, plan = self.pipe, self.plan
@@ -156,34 +196,41 @@ class Placer:
     def _stream(self) -> None:
         """Everything but the DiT blocks and the encoder layers resident; those two streamed."""
         pipe = self.pipe
-        blocks = pipe.transformer.transformer_blocks
         for name, module in pipe.transformer.named_children():
             if name != "transformer_blocks":
                 module.to(self.device)
-        pipe.transformer.streamer = Streamer(list(blocks), self.device, self.plan.stream_window)
+        self._stream_list("transformer", pipe.transformer, "transformer_blocks")
         pipe.vae.to(self.device)
         encoder = pipe.text_encoder
         if encoder is not None:
             encoder.rotary_emb.to(self.device)
-            encoder.streamer = Streamer(list(encoder.layers), self.device, self.plan.stream_window)
+            self._stream_list("text_encoder", encoder, "layers")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _stream_list(self, component: str, owner: nn.Module, attribute: str) -> None:
+        original = getattr(owner, attribute)
+        wrapped, self.streamers[component] = _streamed(original, self.device, self.plan.stream_window)
+        setattr(owner, attribute, wrapped)
+        self._replaced.append((owner, attribute, original))
 
     def release(self) -> None:
         """Undo the plan's hosting and streaming; the next plan's ``apply`` places the weights."""
         for hosted in self.hosted.values():
             hosted.release()
         self.hosted.clear()
-        for model in (self.pipe.transformer, self.pipe.text_encoder):
-            if model is not None and model.streamer is not None:
-                model.streamer.release()
-                model.streamer = None
+        for owner, attribute, original in self._replaced:
+            setattr(owner, attribute, original)
+        self._replaced.clear()
+        for streamer in self.streamers.values():
+            streamer.release()
+        self.streamers.clear()
 
     @contextlib.contextmanager
     def phase(self, name: str):
         component = self.PHASE_COMPONENT[name]
         hosted = self.hosted.get(component)
-        streamer = getattr(getattr(self.pipe, component), "streamer", None)
+        streamer = self.streamers.get(component)
         if hosted is not None:
             hosted.load()
         try:

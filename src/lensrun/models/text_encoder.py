@@ -149,7 +149,6 @@ class LensTextEncoder(nn.Module):
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.rotary_emb = GptOssRotaryEmbedding(config)
-        self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
         self.use_graphs = False  # CUDA graphs per padded length; only while the weights stay put (resident)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
@@ -185,7 +184,7 @@ class LensTextEncoder(nn.Module):
         hidden = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.dtype)
         hidden = hidden.to(self.rotary_emb.inv_freq.device)
         attention_mask = attention_mask.to(hidden.device)
-        if self.use_graphs and hidden.is_cuda and self.streamer is None:
+        if self.use_graphs and hidden.is_cuda:
             return self._replay(hidden, attention_mask)
         return self._layers(hidden, attention_mask)
 
@@ -228,11 +227,7 @@ class LensTextEncoder(nn.Module):
         pos_emb = self.rotary_emb(hidden, position_ids)
         captured = {}
         for i, layer in enumerate(self.layers):
-            if self.streamer is not None:
-                self.streamer.before(i)
             hidden = layer(hidden, attention_mask=masks[self.config.layer_types[i]], position_embeddings=pos_emb)
-            if self.streamer is not None:
-                self.streamer.after(i)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             if i in self.selected_layers:

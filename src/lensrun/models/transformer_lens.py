@@ -258,19 +258,14 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.streamer = None  # set by a streaming memory plan (lensrun.placement.Streamer)
         self._compiled_blocks = False
 
     def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
         """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
         temb = self.time_text_embed(timestep, self.img_in.weight.dtype)
         mods = []
-        for i, block in enumerate(self.transformer_blocks):  # streamed blocks visit the GPU once for all steps
-            if self.streamer is not None:
-                self.streamer.before(i)
+        for block in self.transformer_blocks:  # computed once for all steps: streamed blocks visit the GPU once
             mods.append(block.modulation(temb))
-            if self.streamer is not None:
-                self.streamer.after(i)
         return StepConditioning(temb, mods)
 
     def rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,13 +294,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
     def _block(self, i: int, x, c, cond: StepConditioning, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block i, with the weight streamer (if a memory plan set one) told before and after."""
-        if self.streamer is not None:
-            self.streamer.before(i)
-        out = self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, mask)
-        if self.streamer is not None:
-            self.streamer.after(i)
-        return out
+        return self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, mask)
 
     def forward_branches(
         self,
@@ -316,8 +305,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         step_conditioning: StepConditioning | None = None,
     ) -> list[torch.Tensor]:
         """Mask-free velocities for several text conditions of the same latents, block by block: each block's
-        weights are used for every branch before the next block's, so a streamed block crosses the bus once
-        per step instead of once per branch. Same arithmetic as one ``forward`` per branch."""
+        weights are used for every branch before the next block's (weights that travel per block, as under a
+        streaming plan, travel once per step). Same arithmetic as one ``forward`` per branch."""
         _, gh, gw = (int(v) for v in img_shapes[0])
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
         dtype = self.img_in.weight.dtype
@@ -326,15 +315,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         ropes = [self.rope((gh, gw), c.shape[1], x0.device) for _, c in states]
         for (x, c), (cos, sin) in zip(states, ropes, strict=True):
             self._symbolic_tokens(x, c, cos, sin)
-        for i in range(len(self.transformer_blocks)):
-            if self.streamer is not None:
-                self.streamer.before(i)
-            states = [
-                self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, None)
-                for (x, c), (cos, sin) in zip(states, ropes, strict=True)
-            ]
-            if self.streamer is not None:
-                self.streamer.after(i)
+        for i, block in enumerate(self.transformer_blocks):
+            states = [block(x, c, cond.mods[i], cos, sin, None) for (x, c), (cos, sin) in zip(states, ropes, strict=True)]
         return [self.proj_out(self.norm_out(x, cond.temb)) for x, _ in states]
 
     def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
