@@ -120,7 +120,7 @@ def test_graphed_encoder_equals_eager_and_reuses_one_graph_per_bucket(gpu_pipe):
         assert not encoder._graphs
         graphed = [encoder(i, m) for i, m in zip(ids, masks)]
         again = encoder(ids[1], masks[1])  # replayed, not recaptured
-        assert sorted(encoder._graphs) == [(1, 128), (1, 256)]
+        assert sorted(encoder._graphs.entries) == [(1, 128), (1, 256)]
     finally:
         gpu_pipe.apply_plan(Plan(placement="phased"))
         assert not encoder.use_graphs and not encoder._graphs  # a phased plan moves weights: no graphs

@@ -1,9 +1,10 @@
-"""Capturing a call as a CUDA graph, shared by the encoder's and the denoising step's graphs."""
+"""CUDA graphs, one policy for the encoder's and the denoising step's: how a call is captured, and which shapes
+get a graph (``GraphCache``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import torch
 
@@ -23,3 +24,56 @@ def capture(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
     with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return graph, outputs
+
+
+E = TypeVar("E")
+
+
+class GraphCache(Generic[E]):
+    """Captured graphs by shape key. A key gets a graph the second time it is seen (a capture costs a few
+    runs, so only shapes that recur pay for one); at most ``limit`` are kept, oldest dropped (each holds its
+    static inputs); all share one memory pool (they never run at once); after a failed capture (an op that
+    syncs with the host, a kernel that refuses capture) none is tried again until ``reset``, with the reason
+    in ``failed``. Every graph holds the weights' addresses: reset whenever weights move or change."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.entries: dict[Hashable, E] = {}
+        self.seen: set[Hashable] = set()
+        self.pool = None
+        self.failed: str | None = None
+
+    def get(self, key: Hashable, build: Callable[[object], E]) -> E | None:
+        """The graph entry for ``key``, captured now by ``build(pool)`` on its second sighting; None when the
+        caller should run eagerly (first sighting, or captures failed)."""
+        if self.failed is not None:
+            return None
+        if key in self.entries:
+            return self.entries[key]
+        if key not in self.seen:
+            self.seen.add(key)
+            return None
+        while self.limit is not None and len(self.entries) >= self.limit:
+            self.entries.pop(next(iter(self.entries)))
+        if self.pool is None and torch.cuda.is_available():
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            entry = self.entries[key] = build(self.pool)
+        except RuntimeError as err:
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return None
+        return entry
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.seen.clear()
+        self.pool = None
+        self.failed = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)

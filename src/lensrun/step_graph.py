@@ -3,8 +3,8 @@
 A compiled forward still pays ~1,000 Python-side launches and subclass unwraps per call (11.6 ms of a 43 ms fp8
 forward at 1024² on an H200, docs/performance.md); a replayed graph pays none. Everything the step reads lives
 in static buffers filled once per image (latents, text features, every step's modulation, sigmas); the step index
-is a device scalar, so a replay needs one tiny fill and no host sync. One graph per shape key (captured when a
-shape comes a second time); all share a pool.
+is a device scalar, so a replay needs one tiny fill and no host sync. Which shapes get a graph follows the one
+policy of ``lensrun.cuda_graphs.GraphCache`` (the second sighting; at most four kept).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lensrun.cuda_graphs import capture
+from lensrun.cuda_graphs import GraphCache, capture
 from lensrun.models.transformer_lens import StepConditioning
 from lensrun.sampling import euler_step, guided_velocity
 
@@ -46,17 +46,16 @@ class StepGraphs:
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Static]] = {}
-        self.pool = None
-        self.failed: str | None = None  # why a capture failed; no further tries until reset
-        self.seen: set[tuple] = set()
+        self.graphs: GraphCache[tuple[torch.cuda.CUDAGraph, _Static]] = GraphCache(self.MAX_GRAPHS)
+
+    @property
+    def failed(self) -> str | None:
+        """Why a capture failed (no further tries until ``reset``)."""
+        return self.graphs.failed
 
     def reset(self) -> None:
         """Forget every graph (they hold weight addresses: call whenever weights move or change)."""
-        self.graphs.clear()
-        self.pool = None
-        self.failed = None
-        self.seen.clear()
+        self.graphs.reset()
 
     def _step(self, s: _Static, grid: tuple[int, int], cfg: float) -> None:
         i = s.index
@@ -74,22 +73,10 @@ class StepGraphs:
         the prompt, a gallery, a server) or when this model cannot be captured (the reason in ``self.failed``)."""
         steps = sigmas.numel() - 1
         key = (tuple(latents.shape), tuple(cond[0].shape), None if uncond is None else tuple(uncond[0].shape), grid, cfg, steps)
-        if self.failed is not None:
+        entry = self.graphs.get(key, lambda pool: self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg, pool))
+        if entry is None:
             return None
-        if key not in self.graphs:
-            if key not in self.seen:  # a capture costs about a step's time: only shapes that come back get one
-                self.seen.add(key)
-                return None
-            while len(self.graphs) >= self.MAX_GRAPHS:  # oldest first: each holds its step's static inputs
-                self.graphs.pop(next(iter(self.graphs)))
-            try:
-                self.graphs[key] = self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg)
-            except RuntimeError as err:  # e.g. an op that syncs with the host: not capturable, loop instead
-                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                if latents.is_cuda:
-                    torch.cuda.synchronize()
-                return None
-        graph, static = self.graphs[key]
+        graph, static = entry
         static.fill(latents, cond, uncond, conditioning, sigmas)
         for i in range(steps):
             static.index.fill_(i)
@@ -98,14 +85,12 @@ class StepGraphs:
                 on_step(i + 1, steps)
         return static.latents.clone()
 
-    def _capture(self, latents, cond, uncond, conditioning, sigmas, grid, cfg):
+    def _capture(self, latents, cond, uncond, conditioning, sigmas, grid, cfg, pool):
         clone = lambda ts: [t.clone() for t in ts]
         static = _Static(
             latents.clone(), clone(cond), None if uncond is None else clone(uncond), conditioning.temb.clone(),
             [(a.clone(), b.clone()) for a, b in conditioning.mods], sigmas.clone(),
             torch.zeros(1, dtype=torch.long, device=latents.device),
         )  # fmt: skip
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph, _ = capture(lambda: self._step(static, grid, cfg), self.pool)  # the step writes static.latents
+        graph, _ = capture(lambda: self._step(static, grid, cfg), pool)  # the step writes static.latents
         return graph, static

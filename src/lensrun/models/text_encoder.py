@@ -17,7 +17,7 @@ from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer, GptOssRotaryEmbedding
 
 from lensrun import mxfp4
-from lensrun.cuda_graphs import capture
+from lensrun.cuda_graphs import GraphCache, capture
 
 
 class Mxfp4Experts(nn.Module):
@@ -150,9 +150,7 @@ class LensTextEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary_emb = GptOssRotaryEmbedding(config)
         self.use_graphs = False  # CUDA graphs per padded length; only while the weights stay put (resident)
-        self._graphs: dict[tuple[int, int], tuple] = {}
-        self._graph_pool = None
-        self._seen: set[tuple[int, int]] = set()
+        self._graphs: GraphCache[tuple] = GraphCache()  # per (batch, padded length)
 
     @property
     def device(self) -> torch.device:
@@ -195,18 +193,17 @@ class LensTextEncoder(nn.Module):
         at once instead of one Python call each. Padding at the end changes no valid token's states (causal)."""
         b, s, _ = hidden.shape
         length = -(-s // self.GRAPH_BUCKET) * self.GRAPH_BUCKET
-        entry = self._graphs.get((b, length))
-        if entry is None and (b, length) not in self._seen:  # capturing costs ~3 runs: only for lengths that recur
-            self._seen.add((b, length))
-            return self._layers(hidden, attention_mask)
-        if entry is None:
+
+        def build(pool) -> tuple:
             static_hidden = hidden.new_zeros(b, length, hidden.shape[2])
             static_mask = attention_mask.new_zeros(b, length)
             static_hidden[:, :s], static_mask[:, :s] = hidden, attention_mask
-            if self._graph_pool is None:  # graphs never run at once: one pool for all
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph, outputs = capture(lambda: self._layers(static_hidden, static_mask), self._graph_pool)
-            entry = self._graphs[(b, length)] = (graph, static_hidden, static_mask, outputs)
+            graph, outputs = capture(lambda: self._layers(static_hidden, static_mask), pool)
+            return graph, static_hidden, static_mask, outputs
+
+        entry = self._graphs.get((b, length), build)
+        if entry is None:
+            return self._layers(hidden, attention_mask)
         graph, static_hidden, static_mask, outputs = entry
         static_hidden.zero_()
         static_mask.zero_()
@@ -217,9 +214,7 @@ class LensTextEncoder(nn.Module):
 
     def reset_graphs(self) -> None:
         """Drop captured graphs: they hold the weights' addresses, which a new memory plan may change."""
-        self._graphs.clear()
-        self._graph_pool = None
-        self._seen.clear()
+        self._graphs.reset()
 
     def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         masks = self._masks(attention_mask)
