@@ -181,3 +181,25 @@ def test_server_plans_each_request_for_the_gpu(gpu_pipe, tmp_path):
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert image.size == (96, 64)
     assert json.loads(image.text["lensrun-report"])["plan"].startswith("stream+bf16")
+
+
+def test_engine_compiled_stream_plan_matches_resident(gpu_pipe):
+    """Compiled before placement: a stream plan wraps the compiled blocks from outside and gives the resident
+    image; the wrappers are gone once the plan is released."""
+    from lensrun.engine import Engine
+    from lensrun.placement import StreamedModule
+    from lensrun.request import EngineOptions
+
+    engine = Engine(gpu_pipe, EngineOptions(model="tiny-random", compile=True))
+    request = engine.request(prompt="a lantern on a pier", seed=3, height=64, width=96, steps=3)
+    try:
+        [resident] = engine.run([Task(request)], plans=[Plan()])
+        [streamed] = engine.run([Task(request)], plans=[Plan(placement="stream", stream_window=2)])
+        assert streamed.report["plan"].startswith("stream") and streamed.report["compiled"]
+    finally:
+        gpu_pipe.apply_plan(Plan())
+    assert not any(isinstance(b, StreamedModule) for b in gpu_pipe.transformer.transformer_blocks)
+    import numpy as np
+
+    a, b = np.asarray(resident.image, dtype=np.int16), np.asarray(streamed.image, dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
