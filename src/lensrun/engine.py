@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -95,7 +96,7 @@ class Engine:
     """A loaded Lens model and the run path over it (see the module docstring). ``Engine.shared`` keeps one per
     process, so a replay after a generate, or every job of a server, reuses the loaded weights."""
 
-    _shared: dict[tuple, Engine] = {}
+    _shared: ClassVar[dict[tuple, Engine]] = {}
 
     def __init__(self, pipe, options: EngineOptions, sizes: memory.ComponentSizes | None = None) -> None:
         self.pipe = pipe
@@ -259,7 +260,7 @@ class Engine:
 
         try:
             artifacts = torch.compiler.save_cache_artifacts()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the artifact API is an optimisation; the on-disk caches remain
             artifacts = None
         if artifacts is not None:
             write_atomic(path.with_suffix(".bin"), lambda f: f.write(artifacts[0]))
@@ -278,7 +279,7 @@ def _load_compile_artifacts(key: str) -> None:
     if path.is_file():
         try:
             torch.compiler.load_cache_artifacts(path.read_bytes())
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - stale or foreign artifacts: compile as if cold
             pass
 
 
@@ -370,7 +371,7 @@ class _Run:
                         break
                     except Cancelled:
                         raise
-                    except Exception as err:
+                    except Exception as err:  # noqa: BLE001 - recorded per image when isolating
                         self.fail(todo[0], err)
                     todo.pop(0)
             if oom is not None:

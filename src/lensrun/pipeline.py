@@ -232,9 +232,8 @@ class LensPipeline:
         if compile and not self.compiled:
             acceleration.compile_cache_dir()
             self.transformer.compile_blocks()
-            if self.device.type == "cuda":
-                if self.text_encoder is not None:
-                    self.text_encoder.compile_dequantize()
+            if self.device.type == "cuda" and self.text_encoder is not None:
+                self.text_encoder.compile_dequantize()
             self.compiled = True
         self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self

@@ -162,7 +162,7 @@ class Worker:
         except Cancelled:
             job.status, job.error = "cancelled", "cancelled: the server is shutting down"
             job.emit("error", message=job.error)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a failed job is reported to its client, the server goes on
             job.status, job.error = "failed", f"{type(err).__name__}: {err}"
             job.emit("error", message=job.error)
         finally:
