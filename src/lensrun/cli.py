@@ -38,7 +38,10 @@ def _options(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lensrun import __version__
+
     parser = argparse.ArgumentParser(prog="lensrun", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lensrun {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     prompt = next(s for s in option_specs(GenerationRequest) if s.name == "prompt")
 
@@ -91,21 +94,23 @@ def _notify(message: str) -> None:
     print(f"lensrun: {message}", file=sys.stderr)
 
 
+def _warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as lensrun's own one-line messages (no source paths)."""
+    print(f"lensrun: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if k != "command"}
     from lensrun import api
 
+    warnings.showwarning = _warning
     try:
         if kwargs.get("model") == TINY_MODEL:
             print(TINY_NOTICE, file=sys.stderr)
         if args.command == "generate":
             prompts = kwargs.pop("prompt")
-            with warnings.catch_warnings():
-                warnings.simplefilter("always", UserWarning)
-                paths = api.generate(
-                    prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=_notify, **kwargs
-                )
+            paths = api.generate(prompts if len(prompts) > 1 else prompts[0], show_progress=True, notify=_notify, **kwargs)
         elif args.command == "serve":
             from lensrun.server import serve
 
@@ -126,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        where = kwargs.get("out")
+        resume = " Run the same command again to resume: finished images are kept." if args.command == "gallery" else ""
+        print(f"\nlensrun: interrupted; images finished so far are in {where}.{resume}", file=sys.stderr)
+        return 130
     for path in paths:
         _print_result(path)
     return 0

@@ -79,17 +79,20 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
     """Component sizes from the checkpoint's own configs (the planner then fits any Lens-shaped model)."""
-    import json
-
     from lensrun import configs
 
     if model == TINY_MODEL or root is None:
         return memory.ComponentSizes.from_configs(
             configs.TINY_TRANSFORMER_CONFIG, configs.TINY_TEXT_ENCODER_CONFIG, configs.TINY_VAE_CONFIG
         )
-    read = lambda part: {k: v for k, v in json.loads((root / part / "config.json").read_text()).items() if not k.startswith("_")}
+    from lensrun.loading import read_json
+
+    read = lambda part: {k: v for k, v in read_json(root / part / "config.json").items() if not k.startswith("_")}
     vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
-    return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae)
+    try:
+        return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae)
+    except (TypeError, KeyError, ValueError) as err:
+        raise LensrunError(f"{root}: the config.json files do not describe a Lens model ({err})") from None
 
 
 class Engine:
@@ -212,8 +215,9 @@ class Engine:
         run.plans = list(plans)
         self._apply(run.plans[0], decision.compile)
         total = sum(r.steps for r in requests)
-        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress)
         done = 0
+        run.encode()
+        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress)
 
         def step(i: int, n: int) -> None:
             nonlocal done
@@ -225,7 +229,6 @@ class Engine:
                 raise Cancelled
 
         try:
-            run.encode()
             for group in _groups([r for r in run.results if r.error is None]):
                 run.denoise(group, step)
                 run.decode(group)
@@ -301,7 +304,7 @@ def plans_for(
         if vram is not None or placement not in (None, "resident"):
             raise LensrunError("--vram and --placement apply to CUDA GPUs; this run is on the CPU")
         plan = memory.Plan(precision=quantize or "bf16")
-        return [plan], f"plan {plan.name}: CPU run, no GPU memory to plan"
+        return [plan], f"plan {plan.name}: CPU run (weights in CPU memory, DiT not quantized), no GPU memory to plan"
     largest = max(requests, key=lambda r: r.tokens)
     steps = max(r.steps for r in requests)
     cfg = any(r.cfg != 1.0 for r in requests)

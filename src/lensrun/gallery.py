@@ -59,6 +59,22 @@ def _entries_from_file(path: Path) -> tuple[dict, list[tuple[str, dict]]]:
     return data.get("defaults", {}), [(f"entry {i + 1}", e) for i, e in enumerate(raw)]
 
 
+SIZE_KEYS, BUCKET_KEYS = ("height", "width"), ("base_resolution", "aspect_ratio")
+
+
+def _merge(*layers: dict) -> dict:
+    """Later layers win; a layer that gives an explicit size drops the bucket inherited from below, and the
+    other way round, so an entry's own size never conflicts with a default."""
+    merged: dict = {}
+    for layer in layers:
+        for own, other in ((SIZE_KEYS, BUCKET_KEYS), (BUCKET_KEYS, SIZE_KEYS)):
+            if any(k in layer for k in own):
+                for k in other:
+                    merged.pop(k, None)
+        merged.update(layer)
+    return merged
+
+
 def seed_for(name: str, prompt: str) -> int:
     """A fixed seed for an entry that gives none, so the gallery (and its resume) is reproducible."""
     return int(hashlib.sha256(f"{name}\n{prompt}".encode()).hexdigest()[:8], 16) % 2**31
@@ -85,7 +101,7 @@ def load_gallery(path: str | Path, defaults: dict | None = None, model: str | No
     for where, item in raw:
         if not isinstance(item, dict) or set(item) - ENTRY_KEYS:
             continue
-        settings = {**(defaults or {}), **file_defaults, **item}
+        settings = _merge(defaults or {}, file_defaults, item)
         name = str(settings.get("name") or f"image-{len(entries) + 1:03d}")
         label = f"{where} ('{name}')"
         if name in names:

@@ -19,6 +19,10 @@ from lensrun.errors import LensrunError
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack")
+WHERE_TO_GET = (
+    "Microsoft withdrew the original Lens repos; community diffusers-layout mirrors (e.g. "
+    "YuCollection/Lens-Diffusers) work with --model REPO_ID, and a downloaded folder with --model PATH"
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the pipeline reads: configs, safetensors, tokenizer files. Pickles are never downloaded.
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*", "*/*.jinja"]
@@ -39,11 +43,14 @@ def resolve_model(model: str | Path) -> Path:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as err:
         raise LensrunError(
-            f"model '{text}' is not a local folder and is not in the Hugging Face cache "
-            f"(offline, or the Hub is unreachable): {err}"
+            f"model '{text}' is not a local folder and is not in the Hugging Face cache (offline, or the Hub is "
+            f"unreachable). {WHERE_TO_GET}. ({type(err).__name__})"
         ) from None
     except HfHubHTTPError as err:
-        raise LensrunError(f"model '{text}' is not a local folder and could not be fetched from the Hub: {err}") from None
+        raise LensrunError(
+            f"model '{text}' is not a local folder and could not be fetched from the Hub: {str(err).splitlines()[0]}. "
+            f"{WHERE_TO_GET}."
+        ) from None
 
 
 def check_layout(root: Path) -> dict:
@@ -54,13 +61,28 @@ def check_layout(root: Path) -> dict:
             f"{root} has no model_index.json: expected a diffusers-layout Lens folder "
             f"(model_index.json + {', '.join(c + '/' for c in COMPONENTS)})"
         )
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     for name in COMPONENTS:
         if not (root / name).is_dir():
             raise LensrunError(f"missing subfolder '{name}/' in {root} (a Lens checkpoint needs {', '.join(COMPONENTS)})")
     for name in WEIGHT_COMPONENTS:
+        read_json(root / name / "config.json")
         safetensor_files(root / name)
+    read_json(root / "scheduler" / "scheduler_config.json")
     return index
+
+
+def read_json(path: Path) -> dict:
+    """A config file, or an error naming it and what is wrong."""
+    if not path.is_file():
+        raise LensrunError(f"{path} is missing (every Lens component folder has its config file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LensrunError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise LensrunError(f"{path} should hold a JSON object of settings, not {type(data).__name__}")
+    return data
 
 
 def safetensor_files(folder: Path) -> list[Path]:

@@ -36,11 +36,19 @@ def parameters_text(config: dict) -> str:
     return f"{config.get('prompt', '')}\nNegative prompt: {config.get('negative_prompt', '')}\n{tail}"
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: a crash never leaves a partial file."""
+    """Write through a temp file in the same folder, then rename: a crash never leaves a partial file. The file
+    ends with the permissions a plain ``open()`` would give (``mkstemp`` creates it private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

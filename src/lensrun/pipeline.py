@@ -465,7 +465,7 @@ class LensPipeline:
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             base_resolution=base_resolution, aspect_ratio=aspect_ratio, steps=num_inference_steps,
             cfg=guidance_scale, n=num_images_per_prompt, seed=seed, noise=noise, variant=self.variant,
-            template_date=template_date, cache=cache,
+            template_date=template_date, cache=cache, need_prompt=prompt_embeds is None,
         )  # fmt: skip
         total = len(req.prompts) * req.n
         if latents is not None and latents.shape[0] != total:

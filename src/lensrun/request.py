@@ -219,6 +219,12 @@ class GenerationRequest:
             raise LensrunError("no prompt given")
         if any(not isinstance(p, str) for p in prompts):
             raise LensrunError("prompts must be strings")
+        if need_prompt and any(not p.strip() for p in prompts):
+            raise LensrunError("prompt is empty: describe the image")
+        bucket = [k for k in ("base_resolution", "aspect_ratio") if o[k] is not None]
+        if (o["height"] is not None or o["width"] is not None) and bucket:
+            given = " and ".join(k.replace("_", " ") for k in bucket)
+            raise LensrunError(f"height/width and {given} both given: an explicit size replaces the bucket, give one")
         if not isinstance(o["negative_prompt"], str):
             raise LensrunError("negative prompt must be a string")
         variant = o["variant"] or default_variant

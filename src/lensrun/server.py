@@ -204,14 +204,28 @@ class Worker:
         self.thread.join(timeout)
 
 
-def validate(body, engine: Engine) -> GenerationRequest:
-    """The request's images, or an ApiError naming the bad field and what is allowed."""
+# OpenAI Images fields lensrun cannot honour: accepted (clients send them by default) and named in a warning.
+IGNORED_OPENAI_FIELDS = ("quality", "style", "user", "background", "moderation", "output_compression",
+                         "output_format", "partial_images", "stream")  # fmt: skip
+
+
+def validate(body, engine: Engine, warnings: list[str]) -> GenerationRequest:
+    """The request's images, or an ApiError naming the bad field and what is allowed. OpenAI fields lensrun
+    cannot honour add a line to ``warnings``; any other unknown field is refused."""
+    extra = dict(body.model_extra or {})
+    unknown = sorted(set(extra) - set(IGNORED_OPENAI_FIELDS))
+    if unknown:
+        allowed = ", ".join(["size", "response_format", "model", *_request_fields()])
+        raise ApiError(422, f"unknown field(s) {unknown}; allowed: {allowed}", unknown[0])
+    for name in sorted(extra):
+        warnings.append(f"'{name}' is an OpenAI option lensrun does not apply; it was ignored")
     if not 1 <= (body.n or 1) <= MAX_IMAGES:
         raise ApiError(422, f"n must be between 1 and {MAX_IMAGES}, got {body.n}", "n")
     options = {name: getattr(body, name) for name in _request_fields() if getattr(body, name) is not None}
     if body.size not in (None, "auto"):
-        if "height" in options or "width" in options:
-            raise ApiError(422, "give size, or height and width, not both", "size")
+        clash = [k for k in ("height", "width", "base_resolution", "aspect_ratio") if k in options]
+        if clash:
+            raise ApiError(422, f"size and {', '.join(clash)} both given: size sets the exact size, give one", "size")
         options["height"], options["width"] = parse_size(body.size)
     try:
         return engine.request(**options)
@@ -274,9 +288,15 @@ def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queu
     def models() -> dict:
         return {"object": "list", "data": [{"id": pipe.model_name, "object": "model", "created": 0, "owned_by": "lensrun"}]}
 
+    def make_job(body) -> Job:
+        notes: list[str] = []
+        job = Job(validate(body, engine, notes), body.response_format)
+        job.warnings.extend(notes)
+        return job
+
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
-        job = Job(validate(body, engine), body.response_format)
+        job = make_job(body)
         worker.submit(job)
         while not job.done.is_set():
             await asyncio.sleep(0.02)
@@ -292,7 +312,7 @@ def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queu
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(body: ImageRequest) -> dict:
-        job = Job(validate(body, engine), body.response_format)
+        job = make_job(body)
         worker.submit(job)
         return job.public()
 
@@ -388,4 +408,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
     app = create_app(engine, folder, api_key=api_key, max_queue=max_queue)
     notify(f"lensrun serving {engine.pipe.model_name} on http://{host}:{port} (images in {folder})")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if not files:  # a temporary folder of ours: served images go with the server
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""What a newcomer hits: readable files, one-line errors instead of tracebacks, conflicts that are refused,
+seeds that replay, interrupts that say what was kept."""
+
+import os
+import shutil
+import socket
+import stat
+
+import pytest
+
+from lensrun.cli import main
+
+TINY = ["--model", "tiny-random", "--height", "32", "--width", "48", "--steps", "2"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _, err = _run(["generate", "--prompt", "x", "--out", str(tmp_path / "o"), *TINY], capsys)
+        gallery = tmp_path / "g.txt"
+        gallery.write_text("a fox\n")
+        code2, _, _ = _run(["gallery", str(gallery), "--out", str(tmp_path / "g"), *TINY], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0 and code2 == 0, err
+    files = [*(tmp_path / "o").glob("*.png"), *(tmp_path / "g").glob("*.png"), tmp_path / "g" / "index.html"]
+    assert len(files) == 3
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("garbage-shard", "not a readable safetensors file"),
+        ("truncated-shard", "not a readable safetensors file"),
+        ("broken-config", "config.json is not valid JSON"),
+        ("config-list", "should hold a JSON object"),
+    ],
+)
+def test_damaged_checkpoint_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, capsys, damage, message):
+    root = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, root)
+    shard = sorted((root / "transformer").glob("*.safetensors"))[0]
+    if damage == "garbage-shard":
+        shard.write_bytes(b"\x00garbage" * 100)
+    elif damage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == "broken-config":
+        (root / "vae" / "config.json").write_text('{"block_out_channels": [128, 256,')
+    else:
+        (root / "transformer" / "config.json").write_text("[1, 2]")
+    code, _, err = _run(["generate", "--prompt", "x", "--model", str(root), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    named = shard.name if "shard" in damage else "config.json"
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "mps"], "device 'mps' is not supported: use cpu, cuda or cuda:N"),
+        (["--seed", "9223372036854775807", "--n", "2"], "would give seeds up to 9223372036854775808"),
+        (["--aspect-ratio", "16:9"], "height/width and aspect ratio both given"),
+        (["--prompt", "  "], "prompt is empty"),
+    ],
+)
+def test_conflicts_and_impossible_values_are_refused(tmp_path, capsys, extra, message):
+    argv = ["generate", "--prompt", "x", "--out", str(tmp_path / "o"), *TINY, *extra]
+    if extra[0] == "--prompt":
+        argv = ["generate", "--out", str(tmp_path / "o"), *TINY, *extra]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_serve_checks_its_port_before_loading_the_model(capsys, monkeypatch):
+    import lensrun.engine as engine_module
+
+    monkeypatch.setattr(engine_module.Engine, "shared", lambda *a, **k: pytest.fail("model loaded before the port check"))
+    code, _, err = _run(["serve", "--model", "tiny-random", "--port", "99999"], capsys)
+    assert code == 2 and "port 99999 is not in 1–65535" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = _run(["serve", "--model", "tiny-random", "--port", str(port)], capsys)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_gallery_entry_size_replaces_the_default_bucket(tmp_path):
+    import lensrun.gallery as g
+
+    path = tmp_path / "g.toml"
+    path.write_text('[defaults]\nbase_resolution = 1440\n\n[[image]]\nname = "small"\nprompt = "x"\nheight = 64\nwidth = 32\n'
+                    '\n[[image]]\nname = "bucket"\nprompt = "y"\naspect_ratio = "16:9"\n')  # fmt: skip
+    entries = g.load_gallery(path, {"height": 48, "width": 48})
+    small, bucket = (g.entry_request(e.settings) for e in entries)
+    assert (small.height, small.width, small.base_resolution) == (64, 32, None)
+    assert (bucket.height, bucket.width) == (1088, 1936)
+
+
+def test_prompt_warnings_are_one_line_without_source_paths(tmp_path, capsys):
+    code, _, err = _run(["generate", "--prompt", "fox " * 600, "--out", str(tmp_path), *TINY], capsys)
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "tokens with the template" in ln]
+    assert lines and lines[0].startswith("lensrun: warning: prompt 1 is") and ".py:" not in err
+
+
+def test_withdrawn_default_model_says_where_weights_are(tmp_path, capsys):
+    code, _, err = _run(["generate", "--prompt", "x", "--model", "microsoft/Lens", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "YuCollection/Lens-Diffusers" in err and "withdrew" in err
+
+
+def test_interrupted_gallery_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    import lensrun.metadata as md
+
+    real, calls = md.save_png, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(md, "save_png", interrupt_second)
+    gallery = tmp_path / "g.txt"
+    gallery.write_text("a fox\na lake\na kite\n")
+    code, _, err = _run(["gallery", str(gallery), "--out", str(tmp_path / "g"), *TINY], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted" in err and "Run the same command again to resume" in err
+    monkeypatch.setattr(md, "save_png", real)
+    code, out, _ = _run(["gallery", str(gallery), "--out", str(tmp_path / "g"), *TINY], capsys)
+    assert code == 0 and "done 2, skipped 1" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("lensrun 0.")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from lensrun import LensPipeline
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+    from lensrun.server import create_app
+
+    engine = Engine(LensPipeline.tiny_random(device="cpu"), EngineOptions(model="tiny-random", device="cpu"))
+    with TestClient(create_app(engine, tmp_path_factory.mktemp("files"))) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"size": "32x32", "aspect_ratio": "16:9"}, "size", "size and aspect_ratio both given"),
+        ({"size": "32x32", "bogus": 1}, "bogus", "unknown field(s) ['bogus']"),
+        ({"prompt": "", "size": "32x32"}, "prompt", "prompt is empty"),
+    ],
+)
+def test_server_refuses_conflicts_unknown_fields_and_empty_prompts(client, body, param, text):
+    res = client.post("/v1/images/generations", json={"prompt": "x", "steps": 2, **body})
+    assert res.status_code == 422
+    assert res.json()["error"]["param"] == param and text in res.json()["error"]["message"]
+
+
+def test_server_names_openai_options_it_ignores(client):
+    res = client.post("/v1/images/generations", json={"prompt": "x", "size": "32x32", "steps": 2, "quality": "hd", "style": "vivid"})
+    assert res.status_code == 200, res.text
+    assert res.json()["warnings"] == [
+        "'quality' is an OpenAI option lensrun does not apply; it was ignored",
+        "'style' is an OpenAI option lensrun does not apply; it was ignored",
+    ]
