@@ -163,11 +163,24 @@ def test_interrupt_leaves_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setattr(md, "save_png", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(path, out)
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    assert not list(out.rglob("*.tmp")) and [p.name for p in out.glob(".*")] == [g.WORK_FOLDER]
     assert len(list(out.glob("*.png"))) == 1 and len(g.read_manifest(out)) == 1
+    # The two images denoised but not yet written wait as latents; the re-run decodes them without denoising.
+    assert len(list((out / g.WORK_FOLDER).glob("*.safetensors"))) == 2
     monkeypatch.setattr(md, "save_png", real)
+    pipe = _engine().pipe
+    denoised = []
+    original = pipe.denoise
+    monkeypatch.setattr(pipe, "denoise", lambda *a, **k: denoised.append(1) or original(*a, **k))
     summary = _run(path, out)
-    assert (summary["done"], summary["skipped"]) == (2, 1)
+    assert (summary["done"], summary["skipped"]) == (2, 1) and denoised == []
+    assert not (out / g.WORK_FOLDER).exists()
+    # Resumed images are the images an uninterrupted run makes.
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(pipe, "denoise", original)
+    _run(path, fresh)
+    for row in g.read_manifest(out):
+        assert np.array_equal(np.asarray(Image.open(out / row["file"])), np.asarray(Image.open(fresh / row["file"])))
 
 
 def test_out_of_memory_falls_back_to_the_next_plan(tmp_path, monkeypatch):

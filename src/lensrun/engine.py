@@ -36,11 +36,13 @@ class Cancelled(Exception):
 
 @dataclass
 class Task:
-    """One image to make: a single-image request, where its PNG goes (None: kept in memory), the caller's tag."""
+    """One image to make: a single-image request, where its PNG goes (None: kept in memory), the caller's tag,
+    and ``keep``: where its denoised latents wait for decoding (an interrupted run resumes from them)."""
 
     request: GenerationRequest
     path: Path | None = None
     tag: object = None
+    keep: Path | None = None
 
 
 @dataclass
@@ -414,8 +416,15 @@ class _Run:
         def work(r: Result) -> None:
             req = r.task.request
             start = _synced(self.pipe.device)
-            noise = self.pipe.initial_noise(req.seed, req.grid, req.noise)
-            self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, step)
+            kept = _load_latents(r.task.keep, self.pipe.device, self.pipe.dtype)
+            if kept is not None:  # denoised by an interrupted run; its steps are skipped
+                self.latents[id(r)] = kept
+                for i in range(req.steps):
+                    step(i + 1, req.steps)
+            else:
+                noise = self.pipe.initial_noise(req.seed, req.grid, req.noise)
+                self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, step)
+                _save_latents(r.task.keep, self.latents[id(r)])
             r.report["seconds"] = {"encode": round(self.encode_seconds, 3), "denoise": round(_synced(self.pipe.device) - start, 3)}
 
         if self.pipe.device.type == "cuda":
@@ -440,10 +449,35 @@ class _Run:
             r.image = image
             if r.task.path is not None:
                 save_png(image, r.task.path, r.config, r.report)
+            if r.task.keep is not None:
+                r.task.keep.unlink(missing_ok=True)
             if self.on_result is not None:
                 self.on_result(r)
 
         self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
+
+
+def _save_latents(path: Path | None, latents: torch.Tensor) -> None:
+    if path is None:
+        return
+    from safetensors.torch import save
+
+    from lensrun.metadata import write_atomic
+
+    write_atomic(path, lambda f: f.write(save({"latents": latents.detach().cpu().contiguous()})))
+
+
+def _load_latents(path: Path | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """Latents kept by an interrupted run (safetensors only); None when there are none or they are unreadable."""
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())["latents"].to(device, dtype)
+    except Exception:  # noqa: BLE001 - a damaged leftover is recomputed, never trusted
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _synced(device: torch.device) -> float:

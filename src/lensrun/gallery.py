@@ -23,6 +23,7 @@ from lensrun.request import REQUEST_OPTIONS, EngineOptions, GenerationRequest, i
 
 ENTRY_KEYS = {"name", *REQUEST_OPTIONS}
 MANIFEST = "manifest.jsonl"
+WORK_FOLDER = ".lensrun-work"
 
 
 @dataclass
@@ -197,8 +198,14 @@ def run_gallery(
 
     if pending:
         engine = Engine.shared(options, [single for _, single, _, _ in pending])
-        tasks = [Task(single, out / file, (entry, single, digest, file)) for entry, single, digest, file in pending]
+        work = out / WORK_FOLDER  # denoised latents waiting for decoding: an interrupt loses at most one image
+        tasks = [
+            Task(single, out / file, (entry, single, digest, file), keep=work / f"{digest}.safetensors")
+            for entry, single, digest, file in pending
+        ]
         engine.run(tasks, isolate=True, on_result=record, notify=notify, progress=show_progress)
+    if (out / WORK_FOLDER).is_dir() and not any((out / WORK_FOLDER).iterdir()):
+        (out / WORK_FOLDER).rmdir()
     write_index(out)
     return summary
 
