@@ -180,3 +180,103 @@ def test_server_names_openai_options_it_ignores(client):
         "'quality' is an OpenAI option lensrun does not apply; it was ignored",
         "'style' is an OpenAI option lensrun does not apply; it was ignored",
     ]
+
+
+def _serve_process(tmp_path):
+    """A real `lensrun serve` process on a free loopback port, the tiny model on the CPU."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lensrun", "serve", "--model", "tiny-random", "--device", "cpu", "--port", str(port),
+         "--files", str(tmp_path / "files")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_with_clients_connected_answers_them_and_exits(tmp_path):
+    """SIGINT while an SSE listener follows a long job and another client waits on a queued one: the stream ends
+    with a final event, the waiting client gets a JSON 503, the process says what happened and exits 0."""
+    import json
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    proc, url = _serve_process(tmp_path)
+    try:
+        long_job = httpx.post(url + "/v1/jobs", json={"prompt": "long", "size": "64x64", "steps": 100000}).json()
+        events, waited = [], {}
+
+        def listen():
+            with httpx.stream("GET", f"{url}/v1/jobs/{long_job['id']}/events", timeout=60) as res:
+                for line in res.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+
+        def wait():
+            res = httpx.post(url + "/v1/images/generations", json={"prompt": "queued", "size": "32x32", "steps": 2}, timeout=60)
+            waited.update(status=res.status_code, body=res.json())
+
+        threads = [threading.Thread(target=listen), threading.Thread(target=wait)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while not any(e["event"] == "progress" for e in events):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # the waiting request is queued behind the long job
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        elapsed = time.time() - start
+        for t in threads:
+            t.join(10)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0 and elapsed < 10, output
+    assert "shutting down: 1 queued job(s) failed, 1 running job(s) cancelled" in output
+    assert "Traceback" not in output
+    assert events[-1]["event"] == "error" and "cancelled" in events[-1]["message"]
+    assert waited["status"] == 503 and "shut down before this job started" in waited["body"]["error"]["message"]
+    assert not any((tmp_path / "files").glob("*.tmp"))
+
+
+def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    proc, url = _serve_process(tmp_path)
+    try:
+        httpx.post(url + "/v1/jobs", json={"prompt": "long", "size": "64x64", "steps": 100000})
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code in (0, 130) and "Traceback" not in output and "terminate called" not in output

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import queue
 import re
 import secrets
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -187,21 +189,32 @@ class Worker:
         job.report = results[0].report
         job.files = [r.task.tag for r in results]
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Fail queued jobs with a clear message, cancel the running one at its next step, stop the worker."""
+    def stop(self) -> tuple[int, int]:
+        """Fail queued jobs with a clear message and ask the running one to stop at its next step, without
+        waiting; returns (queued jobs failed, running jobs cancelled). Every waiting client is answered."""
         self.stopping.set()
+        failed = 0
         while True:
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 break
-            job.status, job.error = "failed", "the server shut down before this job started"
+            job.status, job.error = "failed", SHUT_DOWN
             job.emit("error", message=job.error)
             job.done.set()
-        for job in self.jobs.values():
-            if job.status == "running":
-                job.cancel.set()
+            failed += 1
+        running = [job for job in self.jobs.values() if job.status == "running"]
+        for job in running:
+            job.cancel.set()
+        return failed, len(running)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """``stop``, then wait for the worker thread."""
+        self.stop()
         self.thread.join(timeout)
+
+
+SHUT_DOWN = "the server shut down before this job started"
 
 
 # OpenAI Images fields lensrun cannot honour: accepted (clients send them by default) and named in a warning.
@@ -301,7 +314,8 @@ def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queu
         while not job.done.is_set():
             await asyncio.sleep(0.02)
         if job.status != "succeeded":
-            return _error(500, job.error or "generation failed")
+            status = 503 if job.status == "cancelled" or job.error == SHUT_DOWN else 500
+            return _error(status, job.error or "generation failed")
         data = []
         for file_id in job.files:
             if job.response_format == "url":
@@ -363,6 +377,22 @@ def host_warning(host: str, api_key: str | None) -> str | None:
     return f"warning: serving on {host} without --api-key: anyone who can reach this port can use the GPU"
 
 
+class LensrunServer(uvicorn.Server):
+    """uvicorn's server, but Ctrl-C first answers every client (queued jobs fail, the running one is cancelled
+    at its next step, SSE streams get a final event, waiting requests a 503) and a second Ctrl-C exits at once."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker, notify) -> None:
+        super().__init__(config)
+        self.worker, self.notify = worker, notify
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            os._exit(130)  # second Ctrl-C: now, quietly
+        self.should_exit = True
+        failed, cancelled = self.worker.stop()
+        self.notify(f"lensrun: shutting down: {failed} queued job(s) failed, {cancelled} running job(s) cancelled")
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be served (checked before the model loads), or None."""
     import socket
@@ -389,8 +419,6 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     images: repeated sizes replay the encoder and the denoising steps as CUDA graphs)."""
     import tempfile
 
-    import uvicorn
-
     from lensrun.engine import resolve_device
     from lensrun.request import EngineOptions, infer_variant
 
@@ -409,7 +437,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     app = create_app(engine, folder, api_key=api_key, max_queue=max_queue)
     notify(f"lensrun serving {engine.pipe.model_name} on http://{host}:{port} (images in {folder})")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        LensrunServer(config, app.state.worker, notify).run()
     finally:
         if not files:  # a temporary folder of ours: served images go with the server
             import shutil
