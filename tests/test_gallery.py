@@ -255,3 +255,25 @@ def test_index_in_a_browser(tmp_path, chrome):
     shot = tmp_path / "gallery.png"
     chrome.save_screenshot(str(shot))
     assert Image.open(shot).size[0] > 0
+
+
+def test_edited_gallery_follows_the_current_file(tmp_path):
+    """One seed changed: the index shows the new image as current and the old one apart, marked superseded;
+    --entry finds the current one; an unknown entry lists the entries; captions carry the negative prompt."""
+    path, out = _write(tmp_path, "g.toml", TOML.replace('seed = 7', 'seed = 7\nnegative_prompt = "fog"')), tmp_path / "out"
+    _run(path, out)
+    old_lake = next(r["file"] for r in g.read_manifest(out) if r["name"] == "lake")
+    _write(tmp_path, "g.toml", TOML.replace("seed = 7", 'seed = 8\nnegative_prompt = "fog"'))
+    summary = _run(path, out)
+    assert (summary["done"], summary["skipped"]) == (1, 2)
+    page = (out / "index.html").read_text()
+    current, superseded = page.split('<details id="superseded">')
+    assert current.count("<figure") == 3 and superseded.count("<figure") == 1
+    assert old_lake in superseded and old_lake not in current and "seed 8" in current
+    assert "negative: fog" in current
+    assert api.replay(out / "manifest.jsonl", entry="lake", out=tmp_path / "r", device="cpu").is_file()
+    config = g.manifest_config(out / "manifest.jsonl", "lake")
+    assert config["seed"] == 8
+    assert g.manifest_config(out / "manifest.jsonl", old_lake)["seed"] == 7  # by file name, still replayable
+    with pytest.raises(LensrunError, match=r"no finished image named 'nosuch'; entries: fox, lake"):
+        g.manifest_config(out / "manifest.jsonl", "nosuch")

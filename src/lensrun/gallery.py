@@ -23,6 +23,7 @@ from lensrun.request import REQUEST_OPTIONS, EngineOptions, GenerationRequest, i
 
 ENTRY_KEYS = {"name", *REQUEST_OPTIONS}
 MANIFEST = "manifest.jsonl"
+CURRENT = "current.json"  # the image hashes of the gallery file as last run: the index and --entry follow it
 WORK_FOLDER = ".lensrun-work"
 
 
@@ -182,6 +183,8 @@ def run_gallery(
     dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
     done_hashes = {r["hash"] for r in read_manifest(out) if r.get("status") == "done" and (out / r["file"]).is_file()}
     images = plan_images(entries, options, dtype)
+    current = json.dumps({"hashes": [digest for _, _, digest, _ in images]}).encode()
+    write_atomic(out / CURRENT, lambda f: f.write(current))
     pending = [i for i in images if i[2] not in done_hashes]
     summary = {"done": 0, "skipped": len(images) - len(pending), "failed": 0}
 
@@ -220,32 +223,61 @@ def _caption(row: dict) -> str:
     peak = f", peak {r['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in r else ""
     seconds = r.get("seconds", 0)
     seconds = sum(seconds.values()) if isinstance(seconds, dict) else seconds  # older rows: one number
+    negative = f"\nnegative: {c['negative_prompt']}" if c.get("negative_prompt") else ""
     return (
-        f"{size}, steps {c['steps']}, cfg {c['cfg']:g}, seed {c['seed']}\n{c['prompt']}\n"
+        f"{size}, steps {c['steps']}, cfg {c['cfg']:g}, seed {c['seed']}\n{c['prompt']}{negative}\n"
         f"plan {r.get('plan', '?')}{peak}, {seconds:.2f} s"
     )
 
 
-def write_index(out: Path) -> None:
-    """A self-contained index.html (no network): grid, exact configs under each image, text filter."""
+def current_hashes(out: Path) -> set[str] | None:
+    """The image hashes of the gallery file as last run (None for folders made before this was recorded)."""
+    path = out / CURRENT
+    if not path.is_file():
+        return None
+    try:
+        return set(json.loads(path.read_text(encoding="utf-8"))["hashes"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def finished_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """Finished images, (current, superseded): superseded rows belong to entries since edited or removed."""
     latest: dict[str, dict] = {}
     for row in read_manifest(out):
         if row.get("status") == "done" and (out / row["file"]).is_file():
             latest[row["hash"]] = row
-    figures = []
-    for row in latest.values():
-        name, file = html.escape(row["name"]), html.escape(row["file"], quote=True)
-        figures.append(
-            f'<figure data-text="{html.escape((row["name"] + " " + _caption(row)).lower(), quote=True)}">'
-            f'<a href="{file}"><img src="{file}" alt="{name}" loading="lazy"></a>'
-            f"<figcaption><b>{name}</b>\n{html.escape(_caption(row))}</figcaption></figure>"
-        )
+    current = current_hashes(out)
+    if current is None:
+        return list(latest.values()), []
+    rows = list(latest.values())
+    return [r for r in rows if r["hash"] in current], [r for r in rows if r["hash"] not in current]
+
+
+def _figure(row: dict) -> str:
+    name, file = html.escape(row["name"]), html.escape(row["file"], quote=True)
+    return (
+        f'<figure data-text="{html.escape((row["name"] + " " + _caption(row)).lower(), quote=True)}">'
+        f'<a href="{file}"><img src="{file}" alt="{name}" loading="lazy"></a>'
+        f"<figcaption><b>{name}</b>\n{html.escape(_caption(row))}</figcaption></figure>"
+    )
+
+
+def write_index(out: Path) -> None:
+    """A self-contained index.html (no network): grid of the current images with their exact configs, a text
+    filter, and images of since-edited entries apart, marked superseded."""
+    rows, superseded = finished_rows(out)
+    figures = [_figure(r) for r in rows]
+    old = ""
+    if superseded:
+        old = (f'<details id="superseded"><summary>{len(superseded)} superseded image(s): their entries were edited or '
+               f'removed since</summary><div class="grid">{"".join(_figure(r) for r in superseded)}</div></details>')  # fmt: skip
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lensrun gallery</title>
-<style>body{{font:14px system-ui,sans-serif;margin:1.5rem}} #grid{{display:flex;flex-wrap:wrap;gap:1rem}}
+<style>body{{font:14px system-ui,sans-serif;margin:1.5rem}} .grid{{display:flex;flex-wrap:wrap;gap:1rem}}
 figure{{margin:0;width:320px}} img{{width:320px;height:auto;display:block;background:#eee}}
 figcaption{{white-space:pre-wrap;font-size:12px;color:#333}} input{{font:inherit;padding:.3rem;width:20rem}}</style>
 </head><body><h1>lensrun gallery</h1><p>{len(figures)} images · <input id="q" placeholder="filter by text"></p>
-<div id="grid">{"".join(figures)}</div>
+<div id="grid" class="grid">{"".join(figures)}</div>{old}
 <script>document.getElementById('q').addEventListener('input', e => {{ const q = e.target.value.toLowerCase();
 for (const f of document.querySelectorAll('figure')) f.style.display = f.dataset.text.includes(q) ? '' : 'none'; }});
 </script></body></html>"""
@@ -253,13 +285,21 @@ for (const f of document.querySelectorAll('figure')) f.style.display = f.dataset
 
 
 def manifest_config(path: str | Path, entry: str | None) -> dict:
-    """The config of one manifest row (by entry name or file name; the only done row if there is one)."""
-    rows = [r for r in read_manifest(Path(path).parent) if r.get("status") == "done"] if Path(path).is_file() else []
-    if not rows:
+    """The config of one finished image of a gallery (by entry name or file name; the only one if there is
+    one), following the gallery file as last run; a superseded image is found by its file name only."""
+    out = Path(path).parent
+    if not Path(path).is_file():
+        raise LensrunError(f"{path}: no such manifest")
+    rows, superseded = finished_rows(out)
+    if not rows and not superseded:
         raise LensrunError(f"{path}: no finished images in this manifest")
     if entry is not None:
-        rows = [r for r in rows if entry in (r["name"], r["file"])]
+        matches = [r for r in rows if entry in (r["name"], r["file"])] or [r for r in superseded if entry == r["file"]]
+        if not matches:
+            names = ", ".join(sorted({r["name"] for r in rows})[:20])
+            raise LensrunError(f"{path}: no finished image named '{entry}'; entries: {names}")
+        rows = matches
     if len(rows) != 1:
-        names = ", ".join(r["file"] for r in rows[:10])
-        raise LensrunError(f"{path}: say which image with --entry NAME (one of: {names})")
+        files = ", ".join(r["file"] for r in rows[:10])
+        raise LensrunError(f"{path}: say which image with --entry NAME or FILE (one of: {files})")
     return rows[0]["config"]
