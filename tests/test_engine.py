@@ -102,7 +102,7 @@ def test_every_engine_option_reaches_the_engine_from_cli_and_api(monkeypatch, tm
     class Stop(Exception):
         pass
 
-    def shared(cls, options, first=None):
+    def shared(cls, options, first=None, notify=None):
         seen.append(options)
         raise Stop
 

@@ -139,7 +139,9 @@ def test_oom_recovers_with_next_plan_and_frees_the_failed_step(tiny_pipe, monkey
     assert np.array_equal(np.asarray(result.image), np.asarray(expected[0]))
     assert result.report["plan"] == "resident+bf16+enc-chunk8"
     assert result.report["fallbacks"][0].startswith("resident+bf16: CUDA out of memory")
-    assert messages == ["out of memory under plan resident+bf16; retrying with resident+bf16+enc-chunk8"]
+    assert [m for m in messages if "out of memory" in m] == [
+        "out of memory under plan resident+bf16; retrying with resident+bf16+enc-chunk8"
+    ]
     gc.collect()
     assert doomed[0]() is None
 

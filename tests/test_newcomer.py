@@ -182,7 +182,7 @@ def test_server_names_openai_options_it_ignores(client):
     ]
 
 
-def _serve_process(tmp_path):
+def _serve_process(tmp_path, files=True):
     """A real `lensrun serve` process on a free loopback port, the tiny model on the CPU."""
     import subprocess
     import sys
@@ -195,7 +195,7 @@ def _serve_process(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lensrun", "serve", "--model", "tiny-random", "--device", "cpu", "--port", str(port),
-         "--files", str(tmp_path / "files")],
+         *(["--files", str(tmp_path / "files")] if files else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -260,6 +260,7 @@ def test_ctrl_c_with_clients_connected_answers_them_and_exits(tmp_path):
     assert events[-1]["event"] == "error" and "cancelled" in events[-1]["message"]
     assert waited["status"] == 503 and "shut down before this job started" in waited["body"]["error"]["message"]
     assert not any((tmp_path / "files").glob("*.tmp"))
+    assert "POST /v1/jobs 202" in output  # one access line per request
 
 
 def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
@@ -268,7 +269,7 @@ def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
 
     import httpx
 
-    proc, url = _serve_process(tmp_path)
+    proc, url = _serve_process(tmp_path, files=False)
     try:
         httpx.post(url + "/v1/jobs", json={"prompt": "long", "size": "64x64", "steps": 100000})
         time.sleep(0.5)
@@ -280,3 +281,30 @@ def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert code in (0, 130) and "Traceback" not in output and "terminate called" not in output
+
+
+def test_temporary_image_folder_goes_with_the_server(tmp_path):
+    import re
+    import signal
+
+    proc, url = _serve_process(tmp_path, files=False)
+    try:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    folder = re.search(r"images in (\S+)\)", output).group(1)
+    assert code == 0 and "lensrun-serve-" in folder and not os.path.exists(folder)
+
+
+def test_server_says_a_long_prompt_warning_once(client):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = client.post("/v1/images/generations", json={"prompt": "fox " * 600, "size": "32x32", "steps": 2})
+    assert res.status_code == 200
+    assert len([w for w in caught if "tokens with the template" in str(w.message)]) == 1
+    assert res.json()["warnings"][0].startswith("prompt too long: the last")

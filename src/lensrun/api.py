@@ -48,7 +48,7 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
     request = GenerationRequest.build(prompt=prompt, default_variant=infer_variant(engine_opts.model), **request_options)
     out = _output_folder(out)
     singles = request.images()
-    engine = Engine.shared(engine_opts, singles)
+    engine = Engine.shared(engine_opts, singles, notify)
     taken: set[Path] = set()
     tasks = []
     for index, single in enumerate(singles):

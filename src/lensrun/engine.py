@@ -132,6 +132,8 @@ class Engine:
             plans, _ = plans_for(device, first, options, sizes, compiled=False)
             if plans[0].placement == "resident":
                 load_to = device
+        if notify is not None:
+            notify(f"loading {options.model} onto {load_to} …")
         variant = infer_variant(options.model)
         if options.model == TINY_MODEL:
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
@@ -141,7 +143,7 @@ class Engine:
         return cls(pipe, options, sizes)
 
     @classmethod
-    def shared(cls, options: EngineOptions, first: list[GenerationRequest] | None = None) -> Engine:
+    def shared(cls, options: EngineOptions, first: list[GenerationRequest] | None = None, notify=None) -> Engine:
         """The process's engine for these options (one model in memory at a time)."""
         options = options.resolved()
         device = resolve_device(options.device)
@@ -150,7 +152,10 @@ class Engine:
         if engine is None:
             cls._shared.clear()
             gc.collect()
-            engine = cls._shared[key] = cls.load(options, first)
+            start = time.perf_counter()
+            engine = cls._shared[key] = cls.load(options, first, notify)
+            if notify is not None:
+                notify(f"loaded in {time.perf_counter() - start:.1f} s")
         engine.options = options
         return engine
 
@@ -404,6 +409,9 @@ class _Run:
     def encode(self) -> None:
         texts = [p for r in self.results for p in r.task.request.prompts_to_encode()]
         start = _synced(self.pipe.device)
+        unique = {text for text, _ in texts}
+        if unique:
+            self.say(f"encoding {len(unique)} prompt(s)")
 
         def work(r: Result) -> None:
             pos, neg = self.pipe.conditions(r.task.request)

@@ -200,7 +200,7 @@ def run_gallery(
             summary["failed"] += 1
 
     if pending:
-        engine = Engine.shared(options, [single for _, single, _, _ in pending])
+        engine = Engine.shared(options, [single for _, single, _, _ in pending], notify)
         work = out / WORK_FOLDER  # denoised latents waiting for decoding: an interrupt loses at most one image
         tasks = [
             Task(single, out / file, (entry, single, digest, file), keep=work / f"{digest}.safetensors")

@@ -340,4 +340,13 @@ def format_table(preds: list[Prediction], budget: float) -> str:
             f"{'=>' if p.chosen else '  '}{p.plan.name:50s} {p.peak_bytes / GIB:8.2f} {ph['encode']:7.2f} {ph['denoise']:7.2f} "
             f"{ph['decode']:7.2f} {p.seconds:7.2f} {fastest / p.seconds:5.2f}x {'yes' if p.fits else 'no'}"
         )
+    lines += [
+        "",
+        "Legend: => the plan `lensrun generate` would use. Placement: resident (all weights on the GPU),",
+        "  phased (one component on the GPU per phase), offload (the same, unpinned), stream (DiT blocks and",
+        "  encoder layers copied in as they run). vae-tiled: tiled VAE decode; emb-cpu: the encoder's embedding",
+        "  table in CPU memory; enc-chunkN: N experts decoded at once. Peaks per phase in GiB. est. s: predicted",
+        f"  seconds for one image at ~{DIT_TFLOPS / 1e12:.0f} TFLOP/s (compiled bf16 on an H100/H200; slower GPUs",
+        "  take longer); speed: relative to the fastest plan listed.",
+    ]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -174,7 +175,9 @@ class Worker:
         """The job's images through the engine (planned for this request's size, steps and CFG)."""
         pipe = self.engine.pipe
         if pipe.tokenizer is not None:
-            cut = tokenize_prompts(pipe.tokenizer, list(job.request.prompts)).dropped[0]
+            with warnings.catch_warnings():  # said once, by the encoder, and in the job's own warnings
+                warnings.simplefilter("ignore")
+                cut = tokenize_prompts(pipe.tokenizer, list(job.request.prompts)).dropped[0]
             if cut:
                 job.warnings.append(f"prompt too long: the last {cut} tokens were cut (limit {MAX_SEQUENCE_LENGTH})")
 
@@ -249,8 +252,9 @@ def validate(body, engine: Engine, warnings: list[str]) -> GenerationRequest:
 
 
 def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queue: int = 16,
-               max_body: int = 64 * 1024) -> FastAPI:  # fmt: skip
-    """The ASGI app around a loaded engine (``app.state.worker`` runs the jobs)."""
+               max_body: int = 64 * 1024, access_log=None) -> FastAPI:  # fmt: skip
+    """The ASGI app around a loaded engine (``app.state.worker`` runs the jobs); ``access_log`` gets one line
+    per request (method, path, status, time)."""
     files.mkdir(parents=True, exist_ok=True)
     worker = Worker(engine, files, max_queue)
     pipe = engine.pipe
@@ -272,6 +276,15 @@ def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queu
         first = exc.errors()[0]
         param = str(first["loc"][-1]) if first.get("loc") else None
         return _error(422, f"{param}: {first['msg']}", param)
+
+    @app.middleware("http")
+    async def _access(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        if access_log is not None:
+            ms = (time.perf_counter() - start) * 1000
+            access_log(f"{request.method} {request.url.path} {response.status_code} {ms:.0f} ms")
+        return response
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
@@ -434,7 +447,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     first = GenerationRequest.build(prompt="warm-up", default_variant=infer_variant(opts.model)).images()
     engine = Engine.shared(opts, first)
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
-    app = create_app(engine, folder, api_key=api_key, max_queue=max_queue)
+    app = create_app(engine, folder, api_key=api_key, max_queue=max_queue, access_log=notify)
+    warnings.showwarning = lambda message, *args, **kwargs: notify(f"lensrun: warning: {message}")
     notify(f"lensrun serving {engine.pipe.model_name} on http://{host}:{port} (images in {folder})")
     try:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
