@@ -46,7 +46,7 @@ def test_written_files_get_the_usual_permissions(tmp_path, capsys):
 def test_damaged_checkpoint_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, capsys, damage, message):
     root = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, root)
-    shard = sorted((root / "transformer").glob("*.safetensors"))[0]
+    shard = min((root / "transformer").glob("*.safetensors"))
     if damage == "garbage-shard":
         shard.write_bytes(b"\x00garbage" * 100)
     elif damage == "truncated-shard":
@@ -211,6 +211,21 @@ def _serve_process(tmp_path, files=True):
         time.sleep(0.2)
 
 
+def _interrupt(proc, times: int, wait: float) -> tuple[int, str]:
+    """Ctrl-C ``times`` times; the exit code and everything the process printed (killed if it hangs)."""
+    import signal
+    import subprocess
+
+    try:
+        for _ in range(times):
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return code, proc.stdout.read()
+
+
 def test_ctrl_c_with_clients_connected_answers_them_and_exits(tmp_path):
     """SIGINT while an SSE listener follows a long job and another client waits on a queued one: the stream ends
     with a final event, the waiting client gets a JSON 503, the process says what happened and exits 0."""
@@ -264,7 +279,6 @@ def test_ctrl_c_with_clients_connected_answers_them_and_exits(tmp_path):
 
 
 def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
-    import signal
     import time
 
     import httpx
@@ -273,28 +287,16 @@ def test_second_ctrl_c_exits_at_once_and_quietly(tmp_path):
     try:
         httpx.post(url + "/v1/jobs", json={"prompt": "long", "size": "64x64", "steps": 100000})
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(10)
-        output = proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        code, output = _interrupt(proc, times=2, wait=10)
     assert code in (0, 130) and "Traceback" not in output and "terminate called" not in output
 
 
 def test_temporary_image_folder_goes_with_the_server(tmp_path):
     import re
-    import signal
 
-    proc, url = _serve_process(tmp_path, files=False)
-    try:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(30)
-        output = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, _ = _serve_process(tmp_path, files=False)
+    code, output = _interrupt(proc, times=1, wait=30)
     folder = re.search(r"images in (\S+)\)", output).group(1)
     assert code == 0 and "lensrun-serve-" in folder and not os.path.exists(folder)
 
