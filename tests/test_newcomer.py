@@ -310,3 +310,26 @@ def test_server_says_a_long_prompt_warning_once(client):
     assert res.status_code == 200
     assert len([w for w in caught if "tokens with the template" in str(w.message)]) == 1
     assert res.json()["warnings"][0].startswith("prompt too long: the last")
+
+
+def test_replay_check_and_other_weights_warning(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from lensrun.metadata import save_png
+
+    code, out, err = _run(["generate", "--prompt", "a kite", "--seed", "3", "--out", str(tmp_path / "o"), *TINY], capsys)
+    png = out.split()[0]
+    code, _, err = _run(["replay", png, "--check", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "check: identical to" in err and "other weights" not in err
+    with Image.open(png) as im:
+        config = json.loads(im.text["lensrun"])
+        assert config["weights"] == "tiny-random:0"
+        image = im.convert("RGB")
+    image.putpixel((0, 0), (0, 0, 0) if image.getpixel((0, 0)) != (0, 0, 0) else (255, 255, 255))
+    moved = tmp_path / "moved.png"
+    save_png(image, moved, {**config, "weights": "0123456789abcdef"})
+    code, _, err = _run(["replay", str(moved), "--check", "--out", str(tmp_path / "r2")], capsys)
+    assert code == 0 and "made with other weights (fingerprint 0123456789abcdef, now tiny-random:0)" in err
+    assert "check: 1 pixels differ from moved.png" in err

@@ -67,15 +67,19 @@ def replay(
     entry: str | None = None,
     show_progress: bool = False,
     notify=None,
+    check: bool = False,
 ) -> Path:
     """Regenerate an image from the config stored in it, or in a gallery manifest row (``entry`` picks the row);
-    ``model`` overrides where the weights live."""
+    ``model`` overrides where the weights live. ``notify`` hears when the weights differ from the image's;
+    ``check``: compare the new pixels with the source image and say how they differ."""
     from lensrun.metadata import read_config
 
+    source = Path(image)
     if str(image).endswith(".jsonl"):
         from lensrun.gallery import manifest_config
 
         config = manifest_config(image, entry)
+        source = Path(image).parent / config.get("_file", "")
     else:
         config = read_config(image)
     if config.get("seed") is None:
@@ -86,7 +90,31 @@ def replay(
         dtype=config["dtype"], device=device, quantize=config.get("quantize", "bf16"), show_progress=show_progress,
         notify=notify, **request,
     )  # fmt: skip
+    say = notify or (lambda message: None)
+    made_with, replayed_with = config.get("weights"), read_config(paths[0]).get("weights")
+    if made_with is not None and made_with != replayed_with:
+        say(f"warning: the image was made with other weights (fingerprint {made_with}, now {replayed_with}): "
+            "its pixels may differ")  # fmt: skip
+    if check:
+        say(compare_images(source, paths[0]))
     return paths[0]
+
+
+def compare_images(a: Path, b: Path) -> str:
+    """'identical', or how many pixels differ and by how much at most (of 255)."""
+    import numpy as np
+    from PIL import Image
+
+    if not a.is_file():
+        return f"check: {a} is not there to compare with"
+    with Image.open(a) as ia, Image.open(b) as ib:
+        x, y = np.asarray(ia.convert("RGB"), dtype=np.int16), np.asarray(ib.convert("RGB"), dtype=np.int16)
+    if x.shape != y.shape:
+        return f"check: sizes differ ({x.shape[1]}x{x.shape[0]} vs {y.shape[1]}x{y.shape[0]})"
+    diff = np.abs(x - y)
+    if not diff.any():
+        return f"check: identical to {a.name}"
+    return f"check: {int((diff.max(axis=-1) > 0).sum())} pixels differ from {a.name}, by at most {int(diff.max())} of 255"
 
 
 def plan_report(vram: str | float, compile: bool = True, **options) -> str:

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default: replay/ beside the image)")
     rep.add_argument("--model", default=None, help="where the weights are now, if moved")
     rep.add_argument("--device", default=None)
+    rep.add_argument("--check", action="store_true", help="compare the new image with the source and say how they differ")
 
     srv = sub.add_parser("serve", help="serve the model: OpenAI-compatible Images API, job queue, web page")
     srv.add_argument("--host", default="127.0.0.1")

@@ -170,7 +170,8 @@ class Engine:
         plan = plan or pipe.plan
         return {
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
-            "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "lensrun_version": __version__,
+            "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
+            "lensrun_version": __version__,
         }  # fmt: skip
 
     def plans(self, requests: list[GenerationRequest], compiled: bool | None = None) -> tuple[list[memory.Plan], str]:

@@ -302,4 +302,4 @@ def manifest_config(path: str | Path, entry: str | None) -> dict:
     if len(rows) != 1:
         files = ", ".join(r["file"] for r in rows[:10])
         raise LensrunError(f"{path}: say which image with --entry NAME or FILE (one of: {files})")
-    return rows[0]["config"]
+    return {**rows[0]["config"], "_file": rows[0]["file"]}

@@ -8,6 +8,7 @@ tokens and run without an attention mask (LENS_SPEC §11): an empty negative is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class LensPipeline:
         check_variant(variant)
         self.variant = variant or infer_variant(model_name)
         self.prompt_cache = prompt_cache or PromptCache(f"unnamed:{id(text_encoder)}")
+        self.weights_id = "unknown"  # fingerprint of the weights, stored with each image (replay compares it)
         self.precision = "bf16"
         self.compiled = False
         from lensrun.step_graph import StepGraphs
@@ -139,11 +141,13 @@ class LensPipeline:
         text_encoder = LensTextEncoder.from_pretrained(
             root / "text_encoder", layers, dtype=encoder_dtype, device=device, tensors=reader.take("text_encoder")
         )
-        cache = PromptCache(folder_fingerprint(root / "text_encoder"), default_cache_dir() / "prompts")
+        prints = {part: folder_fingerprint(folder) for part, folder in parts.items()}
+        cache = PromptCache(prints["text_encoder"], default_cache_dir() / "prompts")
         pipe = cls(
             transformer, vae, scheduler, text_encoder, tokenizer, model_name=name or str(model), variant=variant,
             prompt_cache=cache,
         )  # fmt: skip
+        pipe.weights_id = hashlib.sha256("".join(prints[p] for p in sorted(prints)).encode()).hexdigest()[:16]
         return pipe.to(device)
 
     @classmethod
@@ -187,6 +191,7 @@ class LensPipeline:
             transformer, vae, scheduler, encoder, tiny_tokenizer(), model_name=TINY_MODEL, variant=variant,
             prompt_cache=cache,
         )  # fmt: skip
+        pipe.weights_id = f"tiny-random:{seed}"
         return pipe.to(device)
 
     def to(self, device: str | torch.device | None = None) -> LensPipeline:
