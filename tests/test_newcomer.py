@@ -333,3 +333,19 @@ def test_replay_check_and_other_weights_warning(tmp_path, capsys):
     code, _, err = _run(["replay", str(moved), "--check", "--out", str(tmp_path / "r2")], capsys)
     assert code == 0 and "made with other weights (fingerprint 0123456789abcdef, now tiny-random:0)" in err
     assert "check: 1 pixels differ from moved.png" in err
+
+
+def test_output_a_person_reads(tmp_path, capsys):
+    """Per-image times, a CPU plan line that does not claim bf16 weights, progress lines, a plan legend."""
+    code, out, err = _run(["generate", "--prompt", "a", "--prompt", "b", "--seed", "1", "--out", str(tmp_path), *TINY], capsys)
+    assert code == 0
+    assert err.index("loading tiny-random onto cpu") < err.index("plan resident+bf16: CPU run (weights in CPU memory")
+    assert "encoding 2 prompt(s)" in err
+    from lensrun.metadata import read_report
+
+    reports = [read_report(line.split()[0]) for line in out.splitlines()]
+    assert len(reports) == 2 and all(set(r["seconds"]) == {"encode", "denoise", "decode"} for r in reports)
+    for line, report in zip(out.splitlines(), reports, strict=True):  # each line prints its own image's times
+        assert f"denoise={report['seconds']['denoise']:.2f}s" in line
+    code, out, _ = _run(["plan", "--vram", "12GB"], capsys)
+    assert code == 0 and "Legend: => the plan `lensrun generate` would use" in out and "emb-cpu:" in out
