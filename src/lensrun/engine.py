@@ -386,9 +386,10 @@ class _Run:
                         self.fail(todo[0], err)
                     todo.pop(0)
             if oom is not None:
+                plan = self.plans[0].name
                 self.fall_back(oom)
                 todo[0].report.setdefault("recoveries", []).append(
-                    {"allocated_before_gib": before, "allocated_after_cleanup_gib": self.allocated_gib()}
+                    {"plan": plan, "allocated_before_gib": before, "allocated_after_cleanup_gib": self.allocated_gib()}
                 )
 
     def allocated_gib(self) -> float:
