@@ -110,7 +110,8 @@ def main() -> None:
         err = 100 * (r["predicted_gib"] - r["measured_allocated_gib"]) / r["measured_allocated_gib"]
         print(
             f"{label:>7s} {r['size']:10s} {r['plan']:48s} {r['predicted_gib']:8.2f} {r['measured_allocated_gib']:6.2f} "
-            f"{r['measured_reserved_gib']:6.2f} {err:+6.1f} {r['seconds']:7.2f} {r['seconds'] / base[r['size']]:10.2f}x"
+            f"{r['measured_reserved_gib']:6.2f} {err:+6.1f} {r['seconds']:7.2f} "
+            + (f"{r['seconds'] / base[r['size']]:10.2f}x" if base.get(r["size"]) else f"{'—':>11s}")
         )
         for rec in r.get("recoveries", []):
             print(f"{'':18s}recovered from OOM under {rec['plan']}: allocated {rec['allocated_before_gib']:.2f} GiB "
