@@ -349,3 +349,31 @@ def test_output_a_person_reads(tmp_path, capsys):
         assert f"denoise={report['seconds']['denoise']:.2f}s" in line
     code, out, _ = _run(["plan", "--vram", "12GB"], capsys)
     assert code == 0 and "Legend: => the plan `lensrun generate` would use" in out and "emb-cpu:" in out
+
+
+def test_ctrl_c_on_a_real_gallery_process_keeps_finished_work(tmp_path):
+    """SIGINT to a running `lensrun gallery`: one line saying what was kept, exit 130, no partial file; the
+    re-run makes only what is missing."""
+    import subprocess
+    import sys
+    import time
+
+    gallery = tmp_path / "g.txt"
+    gallery.write_text("".join(f"image {i}\n" for i in range(12)))
+    out = tmp_path / "g"
+    argv = [sys.executable, "-m", "lensrun", "gallery", str(gallery), "--out", str(out), "--model", "tiny-random",
+            "--height", "32", "--width", "32", "--steps", "60"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*.png")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    code, output = _interrupt(proc, times=1, wait=30)
+    assert code == 130 and "Traceback" not in output, output
+    assert "interrupted; images finished so far are in" in output and "Run the same command again to resume" in output
+    kept = {p.name for p in out.glob("*.png")}
+    assert kept and not list(out.rglob("*.tmp"))
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped {len(kept)}" in rerun.stdout and len(list(out.glob("*.png"))) == 12
+    assert "decoding" in rerun.stderr  # progress shows the decode phase too

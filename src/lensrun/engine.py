@@ -238,7 +238,9 @@ class Engine:
 
         try:
             for group in _groups([r for r in run.results if r.error is None]):
+                bar.set_description("denoising")
                 run.denoise(group, step)
+                bar.set_description("decoding")
                 run.decode(group)
         finally:
             bar.close()
