@@ -335,8 +335,11 @@ def test_replay_check_and_other_weights_warning(tmp_path, capsys):
     assert "check: 1 pixels differ from moved.png" in err
 
 
-def test_output_a_person_reads(tmp_path, capsys):
+def test_output_a_person_reads(tmp_path, capsys, monkeypatch):
     """Per-image times, a CPU plan line that does not claim bf16 weights, progress lines, a plan legend."""
+    from lensrun.engine import Engine
+
+    monkeypatch.setattr(Engine, "_shared", {})  # a fresh process: the model is loaded, and says so
     code, out, err = _run(["generate", "--prompt", "a", "--prompt", "b", "--seed", "1", "--out", str(tmp_path), *TINY], capsys)
     assert code == 0
     assert err.index("loading tiny-random onto cpu") < err.index("plan resident+bf16: CPU run (weights in CPU memory")
