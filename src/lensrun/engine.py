@@ -89,7 +89,13 @@ def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
         )
     from lensrun.loading import read_json
 
-    read = lambda part: {k: v for k, v in read_json(root / part / "config.json").items() if not k.startswith("_")}
+    full = {"transformer": configs.FULL_TRANSFORMER_CONFIG, "vae": configs.FULL_VAE_CONFIG}
+
+    def read(part: str) -> dict:  # a part given as a single file may have no folder: the published shapes
+        path = root / part / "config.json"
+        config = read_json(path) if part not in full or path.is_file() else full[part]
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
     try:
         return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae)
@@ -125,7 +131,13 @@ class Engine:
         root = None
         if options.model != TINY_MODEL:
             root = loading.resolve_model(options.model)
-            loading.check_layout(root)
+            provided = {part for part in ("transformer", "vae") if getattr(options, part)}
+            loading.check_layout(root, provided)
+            from lensrun import single_file
+
+            for part in provided:
+                if single_file.kind(Path(getattr(options, part))) != {"transformer": "dit"}.get(part, part):
+                    raise LensrunError(f"--{part} {getattr(options, part)}: that file holds another component")
         sizes = model_sizes(options.model, root)
         load_to = torch.device("cpu")
         if device.type == "cuda" and first:
@@ -135,10 +147,15 @@ class Engine:
         if notify is not None:
             notify(f"loading {options.model} onto {load_to} …")
         variant = infer_variant(options.model)
+        files = {"transformer": options.transformer, "vae": options.vae}
         if options.model == TINY_MODEL:
+            if any(files.values()):
+                raise LensrunError("--transformer / --vae replace parts of a checkpoint folder, not of tiny-random")
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
         else:
-            pipe = LensPipeline.from_pretrained(root, variant=variant, dtype=dtype, device=load_to, name=options.model)
+            pipe = LensPipeline.from_pretrained(
+                root, variant=variant, dtype=dtype, device=load_to, name=options.model, files=files
+            )
         pipe._device = device
         return cls(pipe, options, sizes)
 
@@ -147,7 +164,7 @@ class Engine:
         """The process's engine for these options (one model in memory at a time)."""
         options = options.resolved()
         device = resolve_device(options.device)
-        key = (options.model, str(device), resolve_dtype(options.dtype, device))
+        key = (options.model, options.transformer, options.vae, str(device), resolve_dtype(options.dtype, device))
         engine = cls._shared.get(key)
         if engine is None:
             cls._shared.clear()
@@ -172,6 +189,7 @@ class Engine:
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
             "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
             "lensrun_version": __version__,
+            **{part: getattr(self.options, part) for part in ("transformer", "vae") if getattr(self.options, part)},
         }  # fmt: skip
 
     def plans(self, requests: list[GenerationRequest], compiled: bool | None = None) -> tuple[list[memory.Plan], str]:

@@ -53,8 +53,9 @@ def resolve_model(model: str | Path) -> Path:
         ) from None
 
 
-def check_layout(root: Path) -> dict:
-    """Validate model_index.json and the component subfolders; return the model index."""
+def check_layout(root: Path, provided: set[str] | frozenset[str] = frozenset()) -> dict:
+    """Validate model_index.json and the component subfolders; return the model index. ``provided``: weight
+    components given as single files instead (their subfolders may be absent)."""
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise LensrunError(
@@ -63,9 +64,9 @@ def check_layout(root: Path) -> dict:
         )
     index = read_json(index_file)
     for name in COMPONENTS:
-        if not (root / name).is_dir():
+        if name not in provided and not (root / name).is_dir():
             raise LensrunError(f"missing subfolder '{name}/' in {root} (a Lens checkpoint needs {', '.join(COMPONENTS)})")
-    for name in WEIGHT_COMPONENTS:
+    for name in (c for c in WEIGHT_COMPONENTS if c not in provided):
         read_json(root / name / "config.json")
         _key_to_file(root / name)  # every shard's header readable (headers only: milliseconds)
     read_json(root / "scheduler" / "scheduler_config.json")

@@ -101,18 +101,24 @@ class LensPipeline:
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device | None = None,
         name: str | None = None,
+        files: dict[str, str | Path] | None = None,
     ) -> LensPipeline:
         """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead).
 
         Weights are read straight onto ``device`` (no CPU copy first); ``name`` is what images record as the
-        model (default: ``model`` as given)."""
+        model (default: ``model`` as given). ``files``: ComfyUI single files that replace the folder's
+        ``transformer`` and/or ``vae`` (``lensrun.single_file``)."""
         check_variant(variant)
         if str(model) == TINY_MODEL:
             return cls.tiny_random(dtype=dtype, device=device, variant=variant)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = loading.resolve_model(model)
-        loading.check_layout(root)
-        parts = {name: root / name for name in ("transformer", "text_encoder", "vae")}
+        files = {part: Path(f) for part, f in (files or {}).items() if f is not None}
+        unknown = set(files) - {"transformer", "vae"}
+        if unknown:
+            raise LensrunError(f"single files are read for the transformer and the VAE; not for {sorted(unknown)}")
+        loading.check_layout(root, provided=set(files))
+        parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
         try:
             # While the reader copies the weights, import the model code and check every shape (headers only).
@@ -120,20 +126,28 @@ class LensPipeline:
             from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
             from transformers import PreTrainedTokenizerFast
 
-            from lensrun.configs import transformer_meta_state, vae_init_kwargs, vae_meta_state
+            from lensrun.configs import (
+                FULL_TRANSFORMER_CONFIG, FULL_VAE_CONFIG, transformer_meta_state, vae_init_kwargs, vae_meta_state,
+            )  # fmt: skip
             from lensrun.models.text_encoder import LensTextEncoder
             from lensrun.models.transformer_lens import LensTransformer2DModel
 
-            t_config = _init_kwargs(LensTransformer2DModel.load_config(root / "transformer"))
-            loading.check_shapes(root / "transformer", transformer_meta_state(t_config))
-            v_config = vae_init_kwargs(AutoencoderKLFlux2.load_config(root / "vae"))
-            loading.check_shapes(root / "vae", vae_meta_state(v_config))
+            from lensrun import single_file
+
+            t_config = _init_kwargs(_component_config(root, "transformer", FULL_TRANSFORMER_CONFIG))
+            v_config = vae_init_kwargs(_component_config(root, "vae", FULL_VAE_CONFIG))
+            t_meta, v_meta = transformer_meta_state(t_config), vae_meta_state(v_config)
+            for part, meta in (("transformer", t_meta), ("vae", v_meta)):
+                if part not in files:
+                    loading.check_shapes(root / part, meta)
+            t_state = single_file.read_dit(files["transformer"], t_meta, device) if "transformer" in files else None
+            v_state = single_file.read_vae(files["vae"], v_meta, device) if "vae" in files else None
         except BaseException:
             reader.cancel()
             raise
         with _quiet_diffusers():
-            transformer = _assemble(LensTransformer2DModel, t_config, reader.take("transformer"), dtype)
-            vae = _assemble(AutoencoderKLFlux2, v_config, reader.take("vae"), dtype)
+            transformer = _assemble(LensTransformer2DModel, t_config, t_state or reader.take("transformer"), dtype)
+            vae = _assemble(AutoencoderKLFlux2, v_config, v_state or reader.take("vae"), dtype)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
@@ -141,7 +155,7 @@ class LensPipeline:
         text_encoder = LensTextEncoder.from_pretrained(
             root / "text_encoder", layers, dtype=encoder_dtype, device=device, tensors=reader.take("text_encoder")
         )
-        prints = {part: folder_fingerprint(folder) for part, folder in parts.items()}
+        prints = {part: folder_fingerprint(where) for part, where in {**parts, **files}.items()}
         cache = PromptCache(prints["text_encoder"], default_cache_dir() / "prompts")
         pipe = cls(
             transformer, vae, scheduler, text_encoder, tokenizer, model_name=name or str(model), variant=variant,
@@ -565,6 +579,13 @@ def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype
     """Noise drawn where the generator lives (a CPU generator gives the same numbers on every GPU), then moved."""
     where = "cpu" if generator.device.type == "cpu" else device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def _component_config(root: Path, part: str, full: dict) -> dict:
+    """The folder's config for a component, or the published Lens one when the component comes from a single
+    file with no folder beside it (all Lens variants share the shapes; the file's shapes are checked)."""
+    path = root / part / "config.json"
+    return loading.read_json(path) if path.is_file() else {**full}
 
 
 def _assemble(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):

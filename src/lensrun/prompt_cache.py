@@ -24,9 +24,10 @@ def default_cache_dir() -> Path:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """Cheap identity of a weights folder: config plus each shard's name, size and first/last MiB."""
+    """Cheap identity of a weights folder (or one weights file): config plus each shard's name, size and
+    first/last MiB."""
     h = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
+    for path in [folder] if folder.is_file() else sorted(folder.iterdir()):
         if path.suffix not in (".json", ".safetensors"):
             continue
         h.update(path.name.encode())

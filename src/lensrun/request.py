@@ -318,6 +318,14 @@ class EngineOptions:
     """How a run uses the machine: which weights, where, in which precision, compiled or not."""
 
     model: str = option(DEFAULT_MODEL, f"folder or Hub repo id, or '{TINY_MODEL}'", example=TINY_MODEL)
+    transformer: str | None = option(
+        None, "the DiT from a ComfyUI single file (lens_bf16 / lens_mxfp8 …) instead of --model's transformer/",
+        example="diffusion_models/lens_bf16.safetensors",
+    )  # fmt: skip
+    vae: str | None = option(
+        None, "the VAE from a single file (ComfyUI's flux2-vae, BFL names) instead of --model's vae/",
+        example="vae/flux2-vae.safetensors",
+    )  # fmt: skip
     dtype: str | None = option(None, "default: bfloat16 on CUDA, else float32", choices=tuple(DTYPES), example="float32")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if present)", example="cpu")
     vram: str | None = option(None, "GPU memory budget, e.g. 24GB (default: what is free now)", example="24GB")
