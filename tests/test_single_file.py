@@ -1,0 +1,212 @@
+"""ComfyUI single files written in exactly the layouts of COMFY_FORMATS.md (tiny model): the DiT in bf16 and
+MXFP8, the FLUX.2 VAE under BFL names; loaded where the diffusers-layout load puts them, and refused clearly
+when they are not what they claim."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from lensrun import LensPipeline, LensrunError, single_file
+from lensrun.cli import main
+
+SMALL = {"height": 32, "width": 48, "num_inference_steps": 2}
+
+
+def _state(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def to_blocked(m: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's block layout of a [128·i, 4·j] scale matrix, written the way torchao builds it (reference for
+    the index formula the loader uses)."""
+    rows, cols = m.shape
+    blocks = m.view(rows // 128, 128, cols // 4, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten().view(rows, cols)
+
+
+def quantize_mxfp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ComfyUI's MXFP8: rows/cols padded to multiples of 32, E = clamp(ceil(log2(amax/448)) + 127, 0, 254) per 32
+    inputs, e4m3 values, scales swizzled to [roundup(rows,128), roundup(cols/32,4)]. Returns (weight, stored
+    scale, logical exponents)."""
+    rows, cols = w.shape
+    pr, pc = -(-rows // 32) * 32, -(-cols // 32) * 32
+    padded = torch.zeros(pr, pc)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.view(pr, pc // 32, 32)
+    amax = blocks.abs().amax(-1).clamp_min(2.0**-126)
+    exponents = (torch.ceil(torch.log2(amax / 448.0)) + 127).clamp(0, 254)
+    values = (blocks / torch.exp2(exponents - 127).unsqueeze(-1)).view(pr, pc).to(torch.float8_e4m3fn)
+    sr, sc = -(-pr // 128) * 128, -(-(pc // 32) // 4) * 4
+    logical = torch.zeros(sr, sc, dtype=torch.uint8)
+    logical[:pr, : pc // 32] = exponents.to(torch.uint8)
+    return values, to_blocked(logical), exponents.to(torch.uint8)
+
+
+def reference_mxfp8(values: torch.Tensor, exponents: torch.Tensor, shape) -> torch.Tensor:
+    """Plain decode, block by block: e4m3 × 2^(E − 127), E = 0 → 0."""
+    out = torch.empty(values.shape)
+    for r in range(values.shape[0]):
+        for b in range(values.shape[1] // 32):
+            e = int(exponents[r, b])
+            out[r, b * 32 : (b + 1) * 32] = values[r, b * 32 : (b + 1) * 32].float() * (0.0 if e == 0 else 2.0 ** (e - 127))
+    return out[: shape[0], : shape[1]]
+
+
+def test_unswizzle_inverts_the_cublas_block_layout():
+    logical = torch.randint(0, 255, (256, 8), dtype=torch.uint8)
+    assert torch.equal(single_file.unswizzle(to_blocked(logical), 256, 8), logical)
+    padded = torch.zeros(256, 8, dtype=torch.uint8)
+    padded[:200, :5] = logical[:200, :5]
+    assert torch.equal(single_file.unswizzle(to_blocked(padded), 200, 5), logical[:200, :5])
+
+
+def test_mxfp8_dequantization_is_exact():
+    w = torch.randn(200, 341) * 0.05
+    w[3, :32] = 0.0  # an all-zero block: exponent 0 decodes to zeros
+    values, stored, exponents = quantize_mxfp8(w)
+    got = single_file.dequantize_mxfp8(values, stored, (200, 341))
+    assert torch.equal(got, reference_mxfp8(values, exponents, (200, 341)))
+    assert (got - w).abs().max() < 0.02 and torch.equal(got[3, :32], torch.zeros(32))  # e4m3: 3 mantissa bits
+
+
+def _dit_file(tiny_checkpoint, path, fmt="bf16", prefix="model.diffusion_model."):
+    """The tiny DiT as ComfyUI writes it: bare diffusers names under a prefix; block linears (not the
+    modulation) in MXFP8 with a comfy_quant record for 'mxfp8'."""
+    state = _state(tiny_checkpoint / "transformer")
+    out, refs = {"__metadata_marker__": torch.zeros(1)}, {}
+    for key, t in state.items():
+        layer = key.rsplit(".", 1)[0]
+        quantize = fmt == "mxfp8" and key.endswith(".weight") and t.dim() == 2 and key.startswith("transformer_blocks.")
+        if quantize and "_mod" not in key:
+            values, stored, exponents = quantize_mxfp8(t)
+            out[prefix + key] = values
+            out[prefix + layer + ".weight_scale"] = stored
+            out[prefix + layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "mxfp8"}).encode()), dtype=torch.uint8)
+            refs[key] = reference_mxfp8(values, exponents, t.shape)
+        else:
+            out[prefix + key] = t.to(torch.bfloat16)
+    save_file(out, path)
+    return refs
+
+
+def _bfl(name: str, up_blocks: int) -> str:
+    """diffusers → BFL names of the FLUX.2 VAE (the test's own inverse of the loader's rules)."""
+    name = name.replace("conv_shortcut", "nin_shortcut")
+    rules = [
+        (r"^quant_conv\.", "encoder.quant_conv."), (r"^post_quant_conv\.", "decoder.post_quant_conv."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    ]  # fmt: skip
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0\.conv)\.(.*)$", name)
+    if m:
+        k = up_blocks - 1 - int(m[1])
+        name = f"decoder.up.{k}.block.{m[3]}.{m[4]}" if m[3] is not None else f"decoder.up.{k}.upsample.conv.{m[4]}"
+    return name
+
+
+def _vae_file(tiny_checkpoint, path):
+    state = _state(tiny_checkpoint / "vae")
+    up = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
+    out = {}
+    for key, t in state.items():
+        if key == "bn.num_batches_tracked":
+            continue  # ComfyUI's file may lack it; the loader fills it in
+        if ".attentions.0.to_" in key and key.endswith("weight"):
+            t = t[:, :, None, None]  # BFL's attention projections are 1×1 convolutions
+        out[_bfl(key, up)] = t
+    save_file(out, path)
+    assert "encoder.down.0.block.0.conv1.weight" in out and "decoder.up.0.block.0.conv1.weight" in out
+
+
+def test_bf16_dit_and_bfl_vae_land_where_the_folder_load_puts_them(tiny_checkpoint, tmp_path):
+    _dit_file(tiny_checkpoint, tmp_path / "lens_bf16.safetensors")
+    _vae_file(tiny_checkpoint, tmp_path / "flux2-vae.safetensors")
+    files = {"transformer": tmp_path / "lens_bf16.safetensors", "vae": tmp_path / "flux2-vae.safetensors"}
+    folder = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
+    single = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", files=files)
+    for a, b in ((folder.transformer, single.transformer), (folder.vae, single.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert single.weights_id != folder.weights_id
+    expected = folder("a heron", seed=2, output_type="pt", **SMALL).images
+    assert torch.equal(single("a heron", seed=2, output_type="pt", **SMALL).images, expected)
+
+
+def test_mxfp8_dit_is_dequantized_exactly(tiny_checkpoint, tmp_path):
+    refs = _dit_file(tiny_checkpoint, tmp_path / "lens_mxfp8.safetensors", fmt="mxfp8", prefix="")
+    pipe = LensPipeline.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, device="cpu", files={"transformer": tmp_path / "lens_mxfp8.safetensors"}
+    )
+    state = pipe.transformer.state_dict()
+    assert refs and all(torch.equal(state[k], ref) for k, ref in refs.items())
+    assert state["transformer_blocks.0.img_mod.1.weight"].dtype == torch.float32  # modulation stayed unquantized
+    assert torch.isfinite(pipe("a heron", seed=2, output_type="pt", **SMALL).images).all()
+
+
+def test_cli_mixes_a_folder_with_single_files_and_replays(tiny_checkpoint, tmp_path, capsys):
+    _dit_file(tiny_checkpoint, tmp_path / "lens.safetensors")
+    _vae_file(tiny_checkpoint, tmp_path / "vae.safetensors")
+    argv = ["generate", "--prompt", "a heron", "--seed", "4", "--model", str(tiny_checkpoint), "--height", "32",
+            "--width", "48", "--steps", "2", "--transformer", str(tmp_path / "lens.safetensors"), "--vae",
+            str(tmp_path / "vae.safetensors"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 0
+    png = capsys.readouterr().out.split()[0]
+    config = json.loads(Image.open(png).text["lensrun"])
+    assert config["transformer"].endswith("lens.safetensors") and config["vae"].endswith("vae.safetensors")
+    assert main(["replay", png, "--check", "--out", str(tmp_path / "r")]) == 0
+    assert "check: identical" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage, option, message",
+    [
+        ("not-lens", "--transformer", "not a Lens DiT or FLUX.2 VAE file"),
+        ("truncated", "--transformer", "not a readable safetensors file"),
+        ("renamed", "--transformer", "weight 'transformer_blocks.1.attn.img_qkv.weight' is missing"),
+        ("wrong-part", "--vae", "that file holds another component"),
+        ("pickle", "--transformer", "reads .safetensors files only"),
+    ],
+)
+def test_bad_single_files_are_refused_before_any_work(tiny_checkpoint, tmp_path, capsys, damage, option, message):
+    path = tmp_path / ("file.bin" if damage == "pickle" else "file.safetensors")
+    if damage == "not-lens":
+        save_file({"model.layers.0.weight": torch.zeros(2, 2)}, path)
+    elif damage == "pickle":
+        path.write_bytes(b"\x80\x04not really a pickle")
+    else:
+        _dit_file(tiny_checkpoint, path)
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[:1000])
+        elif damage == "renamed":
+            state = load_file(path)
+            key = "model.diffusion_model.transformer_blocks.1.attn.img_qkv.weight"
+            state[key.replace("img_qkv", "img_qkv_renamed")] = state.pop(key)
+            save_file(state, path)
+    argv = ["generate", "--prompt", "x", "--model", str(tiny_checkpoint), option, str(path), "--out", str(tmp_path / "o")]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and str(path.name) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_vae_file_gives_the_folder_image_in_fp32(tiny_checkpoint, tmp_path):
+    """Same pixels whether the VAE comes from the folder or from its BFL-named single file (fp32 both)."""
+    _vae_file(tiny_checkpoint, tmp_path / "vae.safetensors")
+    folder = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    single = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", files={"vae": tmp_path / "vae.safetensors"})
+    a = np.asarray(folder("a heron", seed=5, **SMALL).images[0])
+    b = np.asarray(single("a heron", seed=5, **SMALL).images[0])
+    assert np.array_equal(a, b)
