@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lensrun import LensPipeline, LensrunError, single_file
+from lensrun import LensPipeline, single_file
 from lensrun.cli import main
 
 SMALL = {"height": 32, "width": 48, "num_inference_steps": 2}

@@ -57,9 +57,9 @@ def kind(path: Path) -> str:
     keys = header(path)
     if all(k in keys for k in DIT_MARKERS):
         return "dit"
-    if all(k in keys for k in VAE_MARKERS):
-        if "encoder.down.0.block.0.conv1.weight" in keys or "encoder.down_blocks.0.resnets.0.conv1.weight" in keys:
-            return "vae"
+    layouts = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
+    if all(k in keys for k in VAE_MARKERS) and any(k in keys for k in layouts):
+        return "vae"
     raise LensrunError(
         f"{path}: not a Lens DiT or FLUX.2 VAE file (a DiT has {DIT_MARKERS[0]}; a VAE has bn.running_mean and "
         "decoder.conv_in.weight)"
@@ -107,7 +107,7 @@ def read_dit(path: Path, expected: dict[str, torch.Tensor], device: torch.device
     for name, ref in expected.items():
         if name not in keys:
             raise LensrunError(f"{path}: weight '{name}' is missing (is this a Lens DiT file?)")
-        dtype, shape = keys[name]
+        shape = keys[name][1]
         prefix = name.rsplit(".", 1)[0]
         if prefix in quantized and name.endswith(".weight"):
             if prefix + ".weight_scale" not in keys:
