@@ -181,10 +181,11 @@ class Engine:
         """A validated request whose preset defaults to this model's variant."""
         return GenerationRequest.build(default_variant=self.variant, **options)
 
-    def recipe(self, request: GenerationRequest, plan: memory.Plan | None = None) -> dict:
-        """What a PNG stores to regenerate its image: the request plus the model settings that change pixels."""
+    def recipe(self, request: GenerationRequest) -> dict:
+        """What a PNG stores to regenerate its image: the request plus the model settings that change pixels
+        (under the plan applied now)."""
         pipe = self.pipe
-        plan = plan or pipe.plan
+        plan = pipe.plan
         return {
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
             "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
@@ -227,19 +228,7 @@ class Engine:
         if not tasks:
             return []
         run = _Run(self, tasks, isolate, on_result, say)
-        if plans is None:
-            plans, why = self.plans(requests, compiled=False)
-            decision = self.decide_compile(requests, plans[0])
-            if decision.compile and self.device.type == "cuda":
-                plans, why = self.plans(requests, compiled=True)
-            say(why)
-        else:
-            decision = self.decide_compile(requests, plans[0])
-        self.last_decision = decision
-        if decision.compile != self.pipe.compiled:
-            say(decision.reason)
-        run.plans = list(plans)
-        self._apply(run.plans[0], decision.compile)
+        run.plans = self._prepare(requests, plans, say)
         total = sum(r.steps for r in requests)
         done = 0
         run.encode()
@@ -266,6 +255,22 @@ class Engine:
         return run.results
 
     # ------------------------------------------------------------------------------------------- internals
+    def _prepare(self, requests: list[GenerationRequest], plans: list[memory.Plan] | None, say) -> list[memory.Plan]:
+        """Plan (unless given), decide compilation (a compiled plan keeps CUDA graph pools), apply the first."""
+        if plans is None:
+            plans, why = self.plans(requests, compiled=False)
+            decision = self.decide_compile(requests, plans[0])
+            if decision.compile and self.device.type == "cuda":
+                plans, why = self.plans(requests, compiled=True)
+            say(why)
+        else:
+            decision = self.decide_compile(requests, plans[0])
+        self.last_decision = decision
+        if decision.compile != self.pipe.compiled:
+            say(decision.reason)
+        self._apply(plans[0], decision.compile)
+        return list(plans)
+
     def _apply(self, plan: memory.Plan, compile: bool) -> None:
         pipe = self.pipe
         if plan.precision != pipe.precision and pipe.precision != "bf16":
