@@ -159,13 +159,16 @@ def test_mxfp8_dit_is_dequantized_exactly(tiny_checkpoint, tmp_path):
 def test_cli_mixes_a_folder_with_single_files_and_replays(tiny_checkpoint, tmp_path, capsys):
     _dit_file(tiny_checkpoint, tmp_path / "lens.safetensors")
     _vae_file(tiny_checkpoint, tmp_path / "vae.safetensors")
+    _te_file(tiny_checkpoint, tmp_path / "te.safetensors")
     argv = ["generate", "--prompt", "a heron", "--seed", "4", "--model", str(tiny_checkpoint), "--height", "32",
             "--width", "48", "--steps", "2", "--transformer", str(tmp_path / "lens.safetensors"), "--vae",
-            str(tmp_path / "vae.safetensors"), "--out", str(tmp_path / "o")]  # fmt: skip
+            str(tmp_path / "vae.safetensors"), "--text-encoder", str(tmp_path / "te.safetensors"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
     assert main(argv) == 0
     png = capsys.readouterr().out.split()[0]
     config = json.loads(Image.open(png).text["lensrun"])
     assert config["transformer"].endswith("lens.safetensors") and config["vae"].endswith("vae.safetensors")
+    assert config["text_encoder"].endswith("te.safetensors")
     assert main(["replay", png, "--check", "--out", str(tmp_path / "r")]) == 0
     assert "check: identical" in capsys.readouterr().err
 
@@ -173,7 +176,7 @@ def test_cli_mixes_a_folder_with_single_files_and_replays(tiny_checkpoint, tmp_p
 @pytest.mark.parametrize(
     "damage, option, message",
     [
-        ("not-lens", "--transformer", "not a Lens DiT or FLUX.2 VAE file"),
+        ("not-lens", "--transformer", "not a Lens DiT, GPT-OSS text encoder or FLUX.2 VAE file"),
         ("truncated", "--transformer", "not a readable safetensors file"),
         ("renamed", "--transformer", "weight 'transformer_blocks.1.attn.img_qkv.weight' is missing"),
         ("wrong-part", "--vae", "that file holds another component"),
@@ -210,3 +213,110 @@ def test_vae_file_gives_the_folder_image_in_fp32(tiny_checkpoint, tmp_path):
     a = np.asarray(folder("a heron", seed=5, **SMALL).images[0])
     b = np.asarray(single("a heron", seed=5, **SMALL).images[0])
     assert np.array_equal(a, b)
+
+
+def reference_nvfp4(packed, scales_logical, g):
+    """Plain decode of one expert bank: high nibble first, E2M1 × e4m3 block scale × fp32 expert scale."""
+    from lensrun.mxfp4 import FP4_VALUES
+
+    e, rows, half = packed.shape
+    out = torch.empty(e, rows, 2 * half)
+    for x in range(e):
+        for r in range(rows):
+            for j in range(half):
+                byte = int(packed[x, r, j])
+                for k, code in ((2 * j, byte >> 4), (2 * j + 1, byte & 0x0F)):
+                    out[x, r, k] = FP4_VALUES[code] * float(scales_logical[x, r, k // 16].float()) * float(g[x])
+    return out
+
+
+def _swizzle_banks(logical: torch.Tensor) -> torch.Tensor:
+    """Per expert, the logical [R, K/16] scales padded to [roundup(R,128), roundup(K/16,4)] in the block layout."""
+    e, rows, cols = logical.shape
+    padded = torch.zeros(e, -(-rows // 128) * 128, -(-cols // 4) * 4, dtype=torch.float8_e4m3fn)
+    padded[:, :rows, :cols] = logical
+    return torch.stack([to_blocked(p.view(torch.uint8)).view(torch.float8_e4m3fn) for p in padded])
+
+
+def test_nvfp4_dequantization_is_exact():
+    from lensrun import nvfp4
+
+    w = torch.randn(2, 130, 64) * 0.1
+    packed, logical, g = nvfp4.quantize(w)
+    stored = _swizzle_banks(logical)
+    assert stored.shape == (2, 256, 4)  # 130 rows padded to 256 by the block layout
+    got = nvfp4.dequantize(packed, stored, g, torch.float32)
+    assert torch.equal(got, reference_nvfp4(packed, logical, g))
+    assert ((got - w).norm() / w.norm()) < 0.12  # 4-bit codes: a rough copy, as the format is
+
+
+def _te_file(tiny_checkpoint, path, damage=None):
+    """ComfyUI's gpt_oss_20b_nvfp4 layout from the tiny MXFP4 encoder: no `model.` prefix, experts re-quantized
+    to NVFP4 (codes, swizzled e4m3 scales, fp32 per-expert scales, comfy_quant), the rest bf16, tokenizer inside."""
+    from lensrun import mxfp4, nvfp4
+    from lensrun.random_checkpoint import tiny_tokenizer
+
+    state = _state(tiny_checkpoint / "text_encoder")
+    out, refs = {}, {}
+    for key, t in state.items():
+        if key == "lm_head.weight":
+            continue
+        name = key.removeprefix("model.")
+        m = re.match(r"(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)_(blocks|scales|bias)$", name)
+        if m is None:
+            out[name] = t.to(torch.bfloat16)
+            continue
+        bank = f"{m[1]}.{m[2]}"
+        if m[3] == "bias":
+            out[bank + ".bias"] = t.to(torch.bfloat16)
+        elif m[3] == "blocks":
+            w = mxfp4.dequantize(t, state[key.replace("_blocks", "_scales")], torch.float32)
+            packed, logical, g = nvfp4.quantize(w)
+            out[bank + ".weight"], out[bank + ".weight_scale"], out[bank + ".weight_scale_2"] = packed, _swizzle_banks(logical), g
+            out[bank + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4", "num_experts": 4}'), dtype=torch.uint8)
+            refs[bank] = reference_nvfp4(packed, logical, g)
+    if damage == "scale-shape":
+        key = next(k for k in out if k.endswith("down_proj.weight_scale"))
+        out[key] = out[key][:, :64].contiguous()
+    out["tokenizer_json"] = torch.tensor(list(tiny_tokenizer().backend_tokenizer.to_str().encode()), dtype=torch.uint8)
+    save_file(out, path)
+    return refs
+
+
+def test_nvfp4_text_encoder_file_with_its_tokenizer(tiny_checkpoint, tmp_path):
+    refs = _te_file(tiny_checkpoint, tmp_path / "gpt_oss_20b_nvfp4.safetensors")
+    folder = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    single = LensPipeline.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, device="cpu", files={"text_encoder": tmp_path / "gpt_oss_20b_nvfp4.safetensors"}
+    )
+    for bank, ref in refs.items():  # the experts are kept packed and decode exactly
+        layer, part = int(bank.split(".")[1]), bank.rsplit(".", 1)[1]
+        experts = single.text_encoder.layers[layer].mlp.experts
+        assert torch.equal(experts.decoded(part, slice(0, 4), torch.float32), ref)
+    prompt = "a heron in the reeds"
+    assert folder.tokenizer(prompt)["input_ids"] == single.tokenizer(prompt)["input_ids"]
+    a, b = folder.encode_one(prompt), single.encode_one(prompt)
+    cos = torch.nn.functional.cosine_similarity(torch.cat(a, -1).flatten(), torch.cat(b, -1).flatten(), dim=0)
+    assert a[0].shape == b[0].shape and cos > 0.9  # NVFP4 is a re-quantization of the MXFP4 weights: close, not equal
+    assert torch.isfinite(single("a heron", seed=2, output_type="pt", **SMALL).images).all()
+
+
+def test_nvfp4_file_with_a_wrong_scale_shape_is_refused(tiny_checkpoint, tmp_path, capsys):
+    _te_file(tiny_checkpoint, tmp_path / "te.safetensors", damage="scale-shape")
+    argv = ["generate", "--prompt", "x", "--model", str(tiny_checkpoint), "--text-encoder", str(tmp_path / "te.safetensors"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "down_proj.weight_scale' has shape [4, 64, 4]; the model expects [4, 128, 4]" in err and "Traceback" not in err
+
+
+def test_planner_counts_the_nvfp4_encoder():
+    from lensrun import configs, memory
+
+    nvfp4 = memory.ComponentSizes.from_configs(
+        configs.FULL_TRANSFORMER_CONFIG, configs.FULL_TEXT_ENCODER_CONFIG, configs.FULL_VAE_CONFIG, experts="nvfp4"
+    )
+    total = (nvfp4.encoder_body + nvfp4.encoder_embedding) / memory.GIB
+    assert 12.2 < total < 12.4  # COMFY_FORMATS: the file is ≈ 13.2 GB = 12.3 GiB
+    graphs = memory.predict(memory.Plan(), nvfp4, 1024, 1024, fused_experts=False)
+    assert graphs.phases["encode"] > memory.predict(memory.Plan(), memory.ComponentSizes.lens(), 1024, 1024).phases["encode"]

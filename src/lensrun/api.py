@@ -88,7 +88,8 @@ def replay(
     paths = generate(
         request.pop("prompt"), out=out or Path(image).parent / "replay", model=model or config["model"],
         dtype=config["dtype"], device=device, quantize=config.get("quantize", "bf16"), show_progress=show_progress,
-        notify=notify, transformer=config.get("transformer"), vae=config.get("vae"), **request,
+        notify=notify, transformer=config.get("transformer"), text_encoder=config.get("text_encoder"),
+        vae=config.get("vae"), **request,
     )  # fmt: skip
     say = notify or (lambda message: None)
     made_with, replayed_with = config.get("weights"), read_config(paths[0]).get("weights")

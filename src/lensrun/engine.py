@@ -27,6 +27,7 @@ from lensrun import __version__, compile_policy, memory
 from lensrun.errors import LensrunError
 from lensrun.request import TINY_MODEL, EngineOptions, GenerationRequest, check_dtype, infer_variant
 
+SINGLE_FILE_PARTS = ("transformer", "text_encoder", "vae")  # components a single file may replace
 GROUP_IMAGES = 8  # images denoised before their group is decoded and written: bounds what an interrupt loses
 
 
@@ -79,7 +80,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return check_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
-def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
+def model_sizes(model: str, root: Path | None, experts: str = "mxfp4") -> memory.ComponentSizes:
     """Component sizes from the checkpoint's own configs (the planner then fits any Lens-shaped model)."""
     from lensrun import configs
 
@@ -89,7 +90,10 @@ def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
         )
     from lensrun.loading import read_json
 
-    full = {"transformer": configs.FULL_TRANSFORMER_CONFIG, "vae": configs.FULL_VAE_CONFIG}
+    full = {
+        "transformer": configs.FULL_TRANSFORMER_CONFIG, "vae": configs.FULL_VAE_CONFIG,
+        "text_encoder": configs.FULL_TEXT_ENCODER_CONFIG,
+    }  # fmt: skip
 
     def read(part: str) -> dict:  # a part given as a single file may have no folder: the published shapes
         path = root / part / "config.json"
@@ -98,7 +102,7 @@ def model_sizes(model: str, root: Path | None) -> memory.ComponentSizes:
 
     vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
     try:
-        return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae)
+        return memory.ComponentSizes.from_configs(read("transformer"), read("text_encoder"), vae, experts=experts)
     except (TypeError, KeyError, ValueError) as err:
         raise LensrunError(f"{root}: the config.json files do not describe a Lens model ({err})") from None
 
@@ -131,14 +135,15 @@ class Engine:
         root = None
         if options.model != TINY_MODEL:
             root = loading.resolve_model(options.model)
-            provided = {part for part in ("transformer", "vae") if getattr(options, part)}
-            loading.check_layout(root, provided)
+            provided = {part for part in SINGLE_FILE_PARTS if getattr(options, part)}
+            loading.check_layout(root, provided | ({"tokenizer"} if "text_encoder" in provided else set()))
             from lensrun import single_file
 
             for part in provided:
                 if single_file.kind(Path(getattr(options, part))) != {"transformer": "dit"}.get(part, part):
-                    raise LensrunError(f"--{part} {getattr(options, part)}: that file holds another component")
-        sizes = model_sizes(options.model, root)
+                    flag = "--" + part.replace("_", "-")
+                    raise LensrunError(f"{flag} {getattr(options, part)}: that file holds another component")
+        sizes = model_sizes(options.model, root, experts="nvfp4" if options.text_encoder else "mxfp4")
         load_to = torch.device("cpu")
         if device.type == "cuda" and first:
             plans, _ = plans_for(device, first, options, sizes, compiled=False)
@@ -147,10 +152,10 @@ class Engine:
         if notify is not None:
             notify(f"loading {options.model} onto {load_to} …")
         variant = infer_variant(options.model)
-        files = {"transformer": options.transformer, "vae": options.vae}
+        files = {part: getattr(options, part) for part in SINGLE_FILE_PARTS}
         if options.model == TINY_MODEL:
             if any(files.values()):
-                raise LensrunError("--transformer / --vae replace parts of a checkpoint folder, not of tiny-random")
+                raise LensrunError("--transformer / --text-encoder / --vae replace parts of a checkpoint folder, not of tiny-random")
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
         else:
             pipe = LensPipeline.from_pretrained(
@@ -164,7 +169,7 @@ class Engine:
         """The process's engine for these options (one model in memory at a time)."""
         options = options.resolved()
         device = resolve_device(options.device)
-        key = (options.model, options.transformer, options.vae, str(device), resolve_dtype(options.dtype, device))
+        key = (options.model, *(getattr(options, p) for p in SINGLE_FILE_PARTS), str(device), resolve_dtype(options.dtype, device))
         engine = cls._shared.get(key)
         if engine is None:
             cls._shared.clear()
@@ -190,7 +195,7 @@ class Engine:
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
             "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
             "lensrun_version": __version__,
-            **{part: getattr(self.options, part) for part in ("transformer", "vae") if getattr(self.options, part)},
+            **{part: getattr(self.options, part) for part in SINGLE_FILE_PARTS if getattr(self.options, part)},
         }  # fmt: skip
 
     def plans(self, requests: list[GenerationRequest], compiled: bool | None = None) -> tuple[list[memory.Plan], str]:

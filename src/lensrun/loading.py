@@ -106,7 +106,7 @@ def _key_to_file(folder: Path) -> dict[str, Path]:
     for file in safetensor_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     mapping[key] = file
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise LensrunError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
@@ -180,7 +180,7 @@ class TensorReader:
     def _read_file(self, file: Path, skip: set[str]) -> dict[str, torch.Tensor]:
         out = {}
         with safe_open(file, framework="pt", device=str(self.device)) as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if self.stop.is_set():
                     break
                 if key not in skip:

@@ -56,9 +56,12 @@ class ComponentSizes:
     dit_width: int
     dit_outside_blocks: int  # bf16 bytes of everything but the blocks (embedders, norm_out, proj_out)
     encoder_layers: int
+    encoder_experts_format: str = "mxfp4"  # "nvfp4": ComfyUI's file; no packed-weight kernel, experts decoded
 
     @classmethod
-    def from_configs(cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2) -> ComponentSizes:
+    def from_configs(
+        cls, transformer: dict, text_encoder: dict, vae: dict, dtype_bytes: int = 2, experts: str = "mxfp4"
+    ) -> ComponentSizes:
         from lensrun import configs as rc
         from lensrun.models.transformer_lens import LensTransformer2DModel
 
@@ -74,24 +77,23 @@ class ComponentSizes:
             "int8-weight": other + quantizable_bytes,
             "int4-weight": other + quantizable_bytes // 2 + quantizable_bytes // 64,
         }
-        e_meta = rc.text_encoder_meta_state(text_encoder)
-        body = emb = experts = 0
-        for key, t in e_meta.items():
-            if key == "lm_head.weight" or key == "model.norm.weight":
+        body = emb = layer_experts = 0
+        for key, t in _encoder_meta(text_encoder, experts).items():
+            if key.endswith(("lm_head.weight", "model.norm.weight")):
                 continue
-            size = t.numel() * (1 if t.dtype == torch.uint8 else 2)
-            if key == "model.embed_tokens.weight":
+            size = t.numel() * t.element_size()
+            if key.endswith("embed_tokens.weight"):
                 emb += size
             else:
                 body += size
-            if ".layers.0.mlp.experts." in key and t.dtype == torch.uint8:
-                experts += size
+            if "layers.0.mlp.experts." in key and t.dtype in (torch.uint8, torch.float8_e4m3fn):
+                layer_experts += size
         vae_bytes = sum(t.numel() * dtype_bytes for k, t in rc.vae_meta_state(vae).items() if t.dtype.is_floating_point)
         return cls(
-            dit=dit, encoder_body=body, encoder_embedding=emb, encoder_layer_experts=experts,
+            dit=dit, encoder_body=body, encoder_embedding=emb, encoder_layer_experts=layer_experts,
             encoder_experts=text_encoder["num_local_experts"], vae=vae_bytes,
             dit_blocks=transformer["num_layers"], dit_width=transformer["inner_dim"], dit_outside_blocks=outside,
-            encoder_layers=text_encoder["num_hidden_layers"],
+            encoder_layers=text_encoder["num_hidden_layers"], encoder_experts_format=experts,
         )  # fmt: skip
 
     @classmethod
@@ -100,6 +102,22 @@ class ComponentSizes:
         from lensrun import configs as rc
 
         return cls.from_configs(rc.FULL_TRANSFORMER_CONFIG, rc.FULL_TEXT_ENCODER_CONFIG, rc.FULL_VAE_CONFIG)
+
+
+def _encoder_meta(config: dict, experts: str) -> dict[str, torch.Tensor]:
+    """The encoder's tensors as they sit in memory (meta): the GPT-OSS checkpoint's for MXFP4 (bf16 rest), the
+    NVFP4 module's for ComfyUI's file (u8 codes, e4m3 scales, fp32 per-expert scales)."""
+    from lensrun import configs
+
+    if experts == "mxfp4":
+        state = configs.text_encoder_meta_state(config)
+    else:
+        from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+
+        cfg = gpt_oss_config(config)
+        state = LensTextEncoder._build_meta(cfg, (cfg.num_hidden_layers - 1,), torch.bfloat16, experts).state_dict()
+    wide = (torch.float32, torch.float16, torch.bfloat16)
+    return {k: v.to(torch.bfloat16) if v.dtype in wide and not k.endswith("weight_scale_2") else v for k, v in state.items()}
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,7 @@ def plan_table(
     """
     sizes = sizes or ComponentSizes.lens()
     fused = fused_experts_default() if fused_experts is None else fused_experts
+    fused = fused and sizes.encoder_experts_format == "mxfp4"  # the packed-weight kernel reads MXFP4 only
     allowed = {k: v for k, v in (allowed or {}).items() if v is not None}
     preds = []
     for plan in candidate_plans(precisions, fused):

@@ -114,10 +114,11 @@ class LensPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = loading.resolve_model(model)
         files = {part: Path(f) for part, f in (files or {}).items() if f is not None}
-        unknown = set(files) - {"transformer", "vae"}
+        unknown = set(files) - {"transformer", "vae", "text_encoder"}
         if unknown:
-            raise LensrunError(f"single files are read for the transformer and the VAE; not for {sorted(unknown)}")
-        loading.check_layout(root, provided=set(files))
+            raise LensrunError(f"single files replace the transformer, text_encoder or vae; not {sorted(unknown)}")
+        provided = set(files) | ({"tokenizer"} if "text_encoder" in files else set())  # the file holds its tokenizer
+        loading.check_layout(root, provided=provided)
         parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
         try:
@@ -126,13 +127,16 @@ class LensPipeline:
             from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
             from transformers import PreTrainedTokenizerFast
 
+            from lensrun import single_file
             from lensrun.configs import (
-                FULL_TRANSFORMER_CONFIG, FULL_VAE_CONFIG, transformer_meta_state, vae_init_kwargs, vae_meta_state,
+                FULL_TRANSFORMER_CONFIG,
+                FULL_VAE_CONFIG,
+                transformer_meta_state,
+                vae_init_kwargs,
+                vae_meta_state,
             )  # fmt: skip
             from lensrun.models.text_encoder import LensTextEncoder
             from lensrun.models.transformer_lens import LensTransformer2DModel
-
-            from lensrun import single_file
 
             t_config = _init_kwargs(_component_config(root, "transformer", FULL_TRANSFORMER_CONFIG))
             v_config = vae_init_kwargs(_component_config(root, "vae", FULL_VAE_CONFIG))
@@ -149,12 +153,19 @@ class LensPipeline:
             transformer = _assemble(LensTransformer2DModel, t_config, t_state or reader.take("transformer"), dtype)
             vae = _assemble(AutoencoderKLFlux2, v_config, v_state or reader.take("vae"), dtype)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
-        text_encoder = LensTextEncoder.from_pretrained(
-            root / "text_encoder", layers, dtype=encoder_dtype, device=device, tensors=reader.take("text_encoder")
-        )
+        if "text_encoder" in files:
+            from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
+
+            te_config = _component_config(root, "text_encoder", FULL_TEXT_ENCODER_CONFIG)
+            text_encoder = LensTextEncoder.from_comfy_file(files["text_encoder"], te_config, layers, encoder_dtype, device)
+            tokenizer = single_file.read_tokenizer(files["text_encoder"])
+        else:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+            text_encoder = LensTextEncoder.from_pretrained(
+                root / "text_encoder", layers, dtype=encoder_dtype, device=device, tensors=reader.take("text_encoder")
+            )
         prints = {part: folder_fingerprint(where) for part, where in {**parts, **files}.items()}
         cache = PromptCache(prints["text_encoder"], default_cache_dir() / "prompts")
         pipe = cls(
@@ -233,7 +244,7 @@ class LensPipeline:
             return
         encoder.reset_graphs()
         experts = [layer.mlp.experts for layer in encoder.layers]
-        sync_free = all(e.fused or e.chunk >= e.gate_up_proj_blocks.shape[0] for e in experts)  # chunks sync
+        sync_free = all(e.fused or e.chunk >= e.num_experts for e in experts)  # chunks sync
         encoder.use_graphs = resident and sync_free
 
     def optimize(self, compile: bool = False, precision: str = "bf16") -> LensPipeline:

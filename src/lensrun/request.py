@@ -322,6 +322,10 @@ class EngineOptions:
         None, "the DiT from a ComfyUI single file (lens_bf16 / lens_mxfp8 …) instead of --model's transformer/",
         example="diffusion_models/lens_bf16.safetensors",
     )  # fmt: skip
+    text_encoder: str | None = option(
+        None, "the text encoder and tokenizer from ComfyUI's gpt_oss_20b_nvfp4 file instead of --model's",
+        example="text_encoders/gpt_oss_20b_nvfp4.safetensors",
+    )  # fmt: skip
     vae: str | None = option(
         None, "the VAE from a single file (ComfyUI's flux2-vae, BFL names) instead of --model's vae/",
         example="vae/flux2-vae.safetensors",

@@ -1,9 +1,10 @@
 """ComfyUI's single-file Lens weights (Comfy-Org/Lens): recognising a file from its keys, and reading it into the
 names and values the diffusers-layout load produces (``../shared/COMFY_FORMATS.md``).
 
-Done here: the DiT (bf16, and MXFP8 dequantized exactly: E8M0 block scale × e4m3) and the FLUX.2 VAE under its
-original BFL names. Every check reads the safetensors header only, so a wrong file is refused before any
-weight is read.
+Done here: the DiT (bf16, and MXFP8 dequantized exactly: E8M0 block scale × e4m3), the FLUX.2 VAE under its
+original BFL names, and the NVFP4 GPT-OSS text encoder with its embedded tokenizer (experts kept packed,
+``lensrun.nvfp4``). Every check reads the safetensors header only, so a wrong file is refused before any weight
+is read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lensrun.errors import LensrunError
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "text_encoders.gpt_oss.transformer.", "text_encoders.")
 DIT_MARKERS = ("transformer_blocks.0.attn.norm_added_q.weight", "transformer_blocks.0.img_mlp.w1.weight")
 VAE_MARKERS = ("bn.running_mean", "decoder.conv_in.weight")
+TEXT_ENCODER_MARKERS = ("layers.0.self_attn.sinks", "layers.0.mlp.experts.gate_up_proj.weight", "tokenizer_json")
 MXFP8_BLOCK = 32
 
 
@@ -53,16 +55,18 @@ def header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def kind(path: Path) -> str:
-    """'dit' or 'vae' from the file's keys (never from its name); anything else is refused, saying why."""
+    """'dit', 'vae' or 'text_encoder' from the file's keys (never from its name); anything else is refused."""
     keys = header(path)
     if all(k in keys for k in DIT_MARKERS):
         return "dit"
+    if all(k in keys for k in TEXT_ENCODER_MARKERS):
+        return "text_encoder"
     layouts = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
     if all(k in keys for k in VAE_MARKERS) and any(k in keys for k in layouts):
         return "vae"
     raise LensrunError(
-        f"{path}: not a Lens DiT or FLUX.2 VAE file (a DiT has {DIT_MARKERS[0]}; a VAE has bn.running_mean and "
-        "decoder.conv_in.weight)"
+        f"{path}: not a Lens DiT, GPT-OSS text encoder or FLUX.2 VAE file (a DiT has {DIT_MARKERS[0]}; an encoder "
+        f"{', '.join(TEXT_ENCODER_MARKERS)}; a VAE bn.running_mean and decoder.conv_in.weight)"
     )
 
 
@@ -102,7 +106,7 @@ def read_dit(path: Path, expected: dict[str, torch.Tensor], device: torch.device
     path = Path(path)
     keys = header(path)
     if kind(path) != "dit":
-        raise LensrunError(f"{path}: a VAE file was given where the DiT belongs")
+        raise LensrunError(f"{path}: that file holds another component, not the DiT")
     quantized = {k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant")}
     for name, ref in expected.items():
         if name not in keys:
@@ -166,7 +170,7 @@ def read_vae(path: Path, expected: dict[str, torch.Tensor], device: torch.device
     path = Path(path)
     keys = header(path)
     if kind(path) != "vae":
-        raise LensrunError(f"{path}: a DiT file was given where the VAE belongs")
+        raise LensrunError(f"{path}: that file holds another component, not the VAE")
     up_blocks = 1 + max(int(m[1]) for k in keys if (m := re.match(r"decoder\.(?:up|up_blocks)\.(\d+)\.", k)))
     mapping = {vae_name(k, up_blocks) if "encoder.down.0.block.0.conv1.weight" in keys else k: k for k in keys}
     for name, ref in expected.items():
@@ -186,3 +190,41 @@ def read_vae(path: Path, expected: dict[str, torch.Tensor], device: torch.device
                 continue
             out[name] = f.get_tensor(names[mapping[name]]).reshape(ref.shape)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ text encoder
+def read_text_encoder(path: Path, expected: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The encoder's tensors under its module names (the file has no ``model.`` prefix; NVFP4 experts as stored),
+    names, shapes and dtypes checked first; ``lm_head``, the final norm and the tokenizer are not tensors read."""
+    path = Path(path)
+    keys = header(path)
+    if kind(path) != "text_encoder":
+        raise LensrunError(f"{path}: that file holds another component, not the text encoder")
+    for name, ref in expected.items():
+        if name not in keys:
+            raise LensrunError(f"{path}: weight '{name}' is missing (is this ComfyUI's gpt_oss_20b_nvfp4 file?)")
+        if keys[name][1] != tuple(ref.shape):
+            raise LensrunError(f"{path}: weight '{name}' has shape {list(keys[name][1])}; the model expects {list(ref.shape)}")
+        packed = ref.dtype in (torch.uint8, torch.float8_e4m3fn)
+        if packed and keys[name][0] not in ("U8", "F8_E4M3"):
+            raise LensrunError(f"{path}: weight '{name}' is {keys[name][0]}; NVFP4 experts are U8 codes and F8_E4M3 scales")
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+        return {name: f.get_tensor(names[name]) for name in expected}
+
+
+def read_tokenizer(path: Path):
+    """The o200k_harmony tokenizer stored in the encoder file (``tokenizer_json``: the tokenizer.json bytes)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from lensrun.prompting import PAD_TOKEN
+
+    with safe_open(Path(path), framework="pt") as f:
+        names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+        raw = bytes(f.get_tensor(names["tokenizer_json"]).view(torch.uint8).tolist())
+    try:
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise LensrunError(f"{path}: 'tokenizer_json' is not a readable tokenizer: {err}") from None
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token="<|return|>")

@@ -20,24 +20,24 @@ from lensrun import mxfp4
 from lensrun.cuda_graphs import GraphCache, capture
 
 
-class Mxfp4Experts(nn.Module):
-    """GPT-OSS experts with packed MXFP4 weights (checkpoint names ``*_blocks``, ``*_scales``, ``*_bias``)."""
+class PackedExperts(nn.Module):
+    """GPT-OSS's 32 experts with packed weights: routing, grouped matmuls and the clamped SwiGLU. Subclasses hold
+    the packed tensors under the checkpoint's names and decode them (``decoded``)."""
 
-    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = config.num_local_experts
         self.alpha = 1.702
         self.limit = config.swiglu_limit
-        u8 = dict(dtype=torch.uint8, requires_grad=False)
-        self.gate_up_proj_blocks = nn.Parameter(torch.zeros(e, 2 * i, h // 32, 16, **u8), requires_grad=False)
-        self.gate_up_proj_scales = nn.Parameter(torch.zeros(e, 2 * i, h // 32, **u8), requires_grad=False)
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, dtype=dtype), requires_grad=False)
-        self.down_proj_blocks = nn.Parameter(torch.zeros(e, h, i // 32, 16, **u8), requires_grad=False)
-        self.down_proj_scales = nn.Parameter(torch.zeros(e, h, i // 32, **u8), requires_grad=False)
-        self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
-        self.dequantize = mxfp4.dequantize  # replaced by a compiled (fused) version on CUDA
-        self.chunk = e  # experts decoded at once; the memory planner may lower it
-        self.fused = mxfp4.fused_kernel_available()  # on CUDA: Triton kernel reading the packed weights
+        self.chunk = self.num_experts  # experts decoded at once; the memory planner may lower it
+        self.fused = False  # a Triton kernel that reads the packed weights (MXFP4 on CUDA)
+
+    def decoded(self, part: str, experts: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Weights [e, out, in] of ``part`` ('gate_up_proj' or 'down_proj') for ``experts``, decoded."""
+        raise NotImplementedError
+
+    def bias(self, part: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Route each (token, slot) pair to its expert with grouped matmuls over the experts' sorted rows.
@@ -45,7 +45,7 @@ class Mxfp4Experts(nn.Module):
         With ``chunk`` ≥ the expert count there is no loop and no host sync; a smaller chunk decodes that many
         experts at a time (one sync per layer), bounding the decoded weights in memory to the chunk's.
         """
-        num_experts = self.gate_up_proj_blocks.shape[0]
+        num_experts = self.num_experts
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         expert_of = flat[order]
@@ -69,14 +69,6 @@ class Mxfp4Experts(nn.Module):
         y = y * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
-    def _experts_fused(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The same SwiGLU-with-clamp through the Triton kernel: no decoded weights, no decode workspace."""
-        from lensrun.mxfp4_moe import grouped_matmul
-
-        gu = grouped_matmul(rows, self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias, offsets)
-        act = self._swiglu(gu)
-        return grouped_matmul(act, self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias, offsets)
-
     def _swiglu(self, gu: torch.Tensor) -> torch.Tensor:
         """GPT-OSS's clamped SwiGLU on interleaved (gate, up) columns."""
         gate = gu[..., 0::2].clamp(max=self.limit)
@@ -86,23 +78,90 @@ class Mxfp4Experts(nn.Module):
     def _experts(self, rows: torch.Tensor, expert_of: torch.Tensor, offsets: torch.Tensor, experts: slice) -> torch.Tensor:
         """SwiGLU-with-clamp of sorted ``rows`` through the experts in ``experts`` (decoded here, then dropped)."""
         dtype = rows.dtype
-        w_gu = self.dequantize(self.gate_up_proj_blocks[experts], self.gate_up_proj_scales[experts], dtype)
+        w_gu = self.decoded("gate_up_proj", experts, dtype)
         gu = torch._grouped_mm(rows, w_gu.transpose(-2, -1), offs=offsets)
         del w_gu
-        act = self._swiglu(gu + self.gate_up_proj_bias.to(dtype)[expert_of])
-        w_down = self.dequantize(self.down_proj_blocks[experts], self.down_proj_scales[experts], dtype)
+        act = self._swiglu(gu + self.bias("gate_up_proj").to(dtype)[expert_of])
+        w_down = self.decoded("down_proj", experts, dtype)
         y = torch._grouped_mm(act, w_down.transpose(-2, -1), offs=offsets)
-        return y + self.down_proj_bias.to(dtype)[expert_of]
+        return y + self.bias("down_proj").to(dtype)[expert_of]
+
+
+class Mxfp4Experts(PackedExperts):
+    """Experts as GPT-OSS ships them: MXFP4 (checkpoint names ``*_blocks``, ``*_scales``, ``*_bias``)."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(config)
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        u8 = dict(dtype=torch.uint8, requires_grad=False)
+        self.gate_up_proj_blocks = nn.Parameter(torch.zeros(e, 2 * i, h // 32, 16, **u8), requires_grad=False)
+        self.gate_up_proj_scales = nn.Parameter(torch.zeros(e, 2 * i, h // 32, **u8), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, dtype=dtype), requires_grad=False)
+        self.down_proj_blocks = nn.Parameter(torch.zeros(e, h, i // 32, 16, **u8), requires_grad=False)
+        self.down_proj_scales = nn.Parameter(torch.zeros(e, h, i // 32, **u8), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
+        self.dequantize = mxfp4.dequantize  # replaced by a compiled (fused) version on CUDA
+        self.fused = mxfp4.fused_kernel_available()  # on CUDA: Triton kernel reading the packed weights
+
+    def decoded(self, part: str, experts: slice, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(getattr(self, f"{part}_blocks")[experts], getattr(self, f"{part}_scales")[experts], dtype)
+
+    def bias(self, part: str) -> torch.Tensor:
+        return getattr(self, f"{part}_bias")
+
+    def _experts_fused(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The same SwiGLU-with-clamp through the Triton kernel: no decoded weights, no decode workspace."""
+        from lensrun.mxfp4_moe import grouped_matmul
+
+        gu = grouped_matmul(rows, self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias, offsets)
+        act = self._swiglu(gu)
+        return grouped_matmul(act, self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias, offsets)
+
+
+class Nvfp4Bank(nn.Module):
+    """One NVFP4 expert matrix bank under ComfyUI's names: ``weight`` [E, out, in/2] codes, ``weight_scale``
+    [E, roundup(out,128), roundup(in/16,4)] e4m3 in the block layout, ``weight_scale_2`` [E] fp32, ``bias``."""
+
+    def __init__(self, experts: int, out: int, inp: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        from lensrun import nvfp4
+
+        frozen = dict(requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(experts, out, inp // 2, dtype=torch.uint8), **frozen)
+        self.weight_scale = nn.Parameter(torch.zeros(experts, *nvfp4.scale_shape(out, inp), dtype=torch.float8_e4m3fn), **frozen)
+        self.weight_scale_2 = nn.Parameter(torch.zeros(experts, dtype=torch.float32), **frozen)
+        self.bias = nn.Parameter(torch.zeros(experts, out, dtype=dtype), **frozen)
+
+
+class Nvfp4Experts(PackedExperts):
+    """Experts as ComfyUI's ``gpt_oss_20b_nvfp4`` file holds them (re-quantized from OpenAI's MXFP4); decoded
+    per expert chunk for the matmul (no packed-weight kernel yet)."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(config)
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = Nvfp4Bank(e, 2 * i, h, dtype)
+        self.down_proj = Nvfp4Bank(e, h, i, dtype)
+
+    def decoded(self, part: str, experts: slice, dtype: torch.dtype) -> torch.Tensor:
+        from lensrun import nvfp4
+
+        bank = getattr(self, part)
+        return nvfp4.dequantize(bank.weight[experts], bank.weight_scale[experts], bank.weight_scale_2[experts], dtype)
+
+    def bias(self, part: str) -> torch.Tensor:
+        return getattr(self, part).bias
 
 
 class Mxfp4MoE(nn.Module):
-    """Top-k router (softmax over the selected logits) + packed experts; returns (output, router scores)."""
+    """Top-k router (softmax over the selected logits) + packed experts (MXFP4, or ComfyUI's NVFP4); returns
+    (output, router scores)."""
 
-    def __init__(self, config: GptOssConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype, experts: str = "mxfp4") -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, dtype=dtype)
-        self.experts = Mxfp4Experts(config, dtype)
+        self.experts = {"mxfp4": Mxfp4Experts, "nvfp4": Nvfp4Experts}[experts](config, dtype)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = hidden.shape
@@ -133,7 +192,9 @@ def gpt_oss_config(raw: dict) -> GptOssConfig:
 class LensTextEncoder(nn.Module):
     """Embedding + GPT-OSS decoder layers 0..max(selected); returns the selected layers' outputs."""
 
-    def __init__(self, config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self, config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, experts: str = "mxfp4"
+    ):
         super().__init__()
         if max(selected_layers) >= config.num_hidden_layers:
             raise ValueError(
@@ -141,11 +202,12 @@ class LensTextEncoder(nn.Module):
             )
         self.config = config
         self.selected_layers = tuple(selected_layers)
+        self.experts_format = experts
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         layers = []
         for i in range(max(selected_layers) + 1):
             layer = GptOssDecoderLayer(config, i)
-            layer.mlp = Mxfp4MoE(config, dtype)
+            layer.mlp = Mxfp4MoE(config, dtype, experts)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.rotary_emb = GptOssRotaryEmbedding(config)
@@ -233,12 +295,13 @@ class LensTextEncoder(nn.Module):
         """Fuse the MXFP4 decode into one kernel per call (eager runs it as several passes over the weights)."""
         fused = torch.compile(mxfp4.dequantize, dynamic=False, fullgraph=True)
         for layer in self.layers:
-            layer.mlp.experts.dequantize = fused
+            if isinstance(layer.mlp.experts, Mxfp4Experts):
+                layer.mlp.experts.dequantize = fused
 
     def use_fused_experts(self, on: bool) -> None:
         """Triton kernel on the packed weights (default where available) or decode-then-matmul."""
-        if on and not mxfp4.fused_kernel_available():
-            raise RuntimeError("the fused MXFP4 kernel needs Triton and a CUDA GPU")
+        if on and not (mxfp4.fused_kernel_available() and self.experts_format == "mxfp4"):
+            raise RuntimeError("the fused kernel needs MXFP4 experts, Triton and a CUDA GPU")
         for layer in self.layers:
             layer.mlp.experts.fused = on
 
@@ -248,9 +311,37 @@ class LensTextEncoder(nn.Module):
             layer.mlp.experts.chunk = experts
 
     @staticmethod
-    def _build_meta(config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):
+    def _build_meta(config: GptOssConfig, selected_layers: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, experts: str = "mxfp4"):
         with torch.device("meta"):
-            return LensTextEncoder(config, selected_layers, dtype)
+            return LensTextEncoder(config, selected_layers, dtype, experts)
+
+    @classmethod
+    def from_comfy_file(
+        cls, path: Path, raw_config: dict, selected_layers: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+    ) -> LensTextEncoder:
+        """Load ComfyUI's ``gpt_oss_20b_nvfp4`` file: its names are this module's (no ``model.`` prefix), its
+        experts NVFP4 and kept packed (``Nvfp4Experts``)."""
+        from lensrun.single_file import read_text_encoder
+
+        config = gpt_oss_config(raw_config)
+        model = cls._build_meta(config, selected_layers, dtype, experts="nvfp4")
+        expected = model.state_dict()
+        tensors = read_text_encoder(Path(path), expected, device)
+        return model._assign(tensors, expected, dtype, config, device)
+
+    def _assign(self, tensors: dict, expected: dict, dtype: torch.dtype, config: GptOssConfig, device) -> LensTextEncoder:
+        """Load ``tensors`` (module names) in place of the meta weights: packed codes and scales as they are,
+        norms in fp32, the rest in ``dtype``."""
+        state = {}
+        for key, ref in expected.items():
+            t = tensors[key]
+            if ref.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith("weight_scale_2"):
+                state[key] = t.to(ref.dtype)
+            else:
+                state[key] = t.to(torch.float32 if key.endswith("layernorm.weight") else dtype)
+        self.load_state_dict(state, assign=True, strict=True)
+        self.rotary_emb = GptOssRotaryEmbedding(config).to(device)  # its tables are not in the checkpoint
+        return self.eval()
 
     @classmethod
     def from_pretrained(
@@ -273,11 +364,5 @@ class LensTextEncoder(nn.Module):
             tensors = load_safetensors_folder(folder, expected, device=device)
         else:
             check_shapes(folder, expected)
-        state = {}
-        for key in expected:
-            t = tensors[key]
-            keep_fp32 = key.endswith("layernorm.weight")
-            state[key[len("model.") :]] = t if t.dtype == torch.uint8 else t.to(torch.float32 if keep_fp32 else dtype)
-        model.load_state_dict(state, assign=True, strict=True)
-        model.rotary_emb = GptOssRotaryEmbedding(config).to(device)  # its tables are not in the checkpoint
-        return model.eval()
+        names = {k[len("model.") :]: k for k in expected}
+        return model._assign({k: tensors[v] for k, v in names.items()}, model.state_dict(), dtype, config, device)
