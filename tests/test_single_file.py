@@ -320,3 +320,50 @@ def test_planner_counts_the_nvfp4_encoder():
     assert 12.2 < total < 12.4  # COMFY_FORMATS: the file is ≈ 13.2 GB = 12.3 GiB
     graphs = memory.predict(memory.Plan(), nvfp4, 1024, 1024, fused_experts=False)
     assert graphs.phases["encode"] > memory.predict(memory.Plan(), memory.ComponentSizes.lens(), 1024, 1024).phases["encode"]
+
+
+@pytest.fixture
+def comfy_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    """A ComfyUI models folder of tiny files (the 'published' configs patched to the tiny ones), with another
+    model's file beside them."""
+    from lensrun import configs
+
+    for part in ("TRANSFORMER", "TEXT_ENCODER", "VAE"):
+        monkeypatch.setattr(configs, f"FULL_{part}_CONFIG", getattr(configs, f"TINY_{part}_CONFIG"))
+    models = tmp_path / "ComfyUI" / "models"
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (models / sub).mkdir(parents=True)
+    _dit_file(tiny_checkpoint, models / "diffusion_models" / "lens_bf16.safetensors")
+    save_file({"input_blocks.0.0.weight": torch.zeros(2, 2)}, models / "diffusion_models" / "sdxl.safetensors")
+    _te_file(tiny_checkpoint, models / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors")
+    _vae_file(tiny_checkpoint, models / "vae" / "flux2-vae.safetensors")
+    return models
+
+
+def test_a_comfyui_models_folder_is_a_model(comfy_folder, tmp_path, capsys):
+    import shutil
+
+    from lensrun.engine import Engine
+
+    Engine._shared.clear()
+    argv = ["generate", "--prompt", "a heron", "--seed", "1", "--model", str(comfy_folder.parent), "--height", "32",
+            "--width", "48", "--steps", "2", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    png = capsys.readouterr().out.split()[0]
+    config = json.loads(Image.open(png).text["lensrun"])
+    assert config["variant"] == "lens" and config["transformer"].endswith("lens_bf16.safetensors")
+    assert config["text_encoder"].endswith("gpt_oss_20b_nvfp4.safetensors")
+    # Lens-Turbo beside it: the Lens file is still the default; alone, Turbo's name gives Turbo's preset.
+    turbo = comfy_folder / "diffusion_models" / "lens_turbo_bf16.safetensors"
+    shutil.copy(comfy_folder / "diffusion_models" / "lens_bf16.safetensors", turbo)
+    (comfy_folder / "diffusion_models" / "lens_bf16.safetensors").unlink()
+    Engine._shared.clear()
+    argv = ["generate", "--prompt", "a heron", "--model", str(comfy_folder), "--height", "32", "--width", "48",
+            "--out", str(tmp_path / "t")]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads(Image.open(capsys.readouterr().out.split()[0]).text["lensrun"])
+    assert (config["variant"], config["steps"], config["cfg"]) == ("turbo", 4, 1.0)
+    shutil.copy(turbo, comfy_folder / "diffusion_models" / "lens_turbo_copy.safetensors")
+    assert main(argv) == 2
+    assert "several candidates (lens_turbo_bf16.safetensors, lens_turbo_copy.safetensors)" in capsys.readouterr().err
+    Engine._shared.clear()

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from lensrun.errors import LensrunError
-from lensrun.request import EngineOptions, GenerationRequest, config_options, infer_variant, option_specs, split_options
+from lensrun.request import EngineOptions, GenerationRequest, config_options, option_specs, split_options
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -40,12 +40,12 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
 
     Every option is validated, the model folder checked and the memory plan chosen before any weights are read.
     """
-    from lensrun.engine import Engine, Task, resolve_device
+    from lensrun.engine import Engine, Task, model_variant, resolve_device
 
     request_options, engine_options = split_options(options)
     engine_opts = EngineOptions(**engine_options).resolved()
     resolve_device(engine_opts.device)
-    request = GenerationRequest.build(prompt=prompt, default_variant=infer_variant(engine_opts.model), **request_options)
+    request = GenerationRequest.build(prompt=prompt, default_variant=model_variant(engine_opts), **request_options)
     out = _output_folder(out)
     singles = request.images()
     engine = Engine.shared(engine_opts, singles, notify)
@@ -145,12 +145,12 @@ def gallery(file: str | Path, *, out: str | Path, show_progress: bool = False, n
     """Render a gallery file into ``out`` (see ``lensrun.gallery``); request options are defaults for its
     entries, below the file's own ``[defaults]``. Returns the summary: done / skipped / failed and the index."""
     import lensrun.gallery as g
-    from lensrun.engine import resolve_device
+    from lensrun.engine import model_variant, resolve_device
 
     request_options, engine_options = split_options(options)
     engine_opts = EngineOptions(**engine_options).resolved()
     resolve_device(engine_opts.device)
-    entries = g.load_gallery(file, {k: v for k, v in request_options.items() if v is not None}, model=engine_opts.model)
+    entries = g.load_gallery(file, {k: v for k, v in request_options.items() if v is not None}, variant=model_variant(engine_opts))
     summary = g.run_gallery(engine_opts, entries, out, show_progress=show_progress, notify=notify)
     return {**summary, "index": str(Path(out) / "index.html")}
 

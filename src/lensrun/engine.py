@@ -80,11 +80,28 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return check_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
+def single_files(options: EngineOptions) -> dict[str, str | None]:
+    """The single file of each part: as given, else found in a ComfyUI models folder given as ``--model``."""
+    from lensrun import single_file
+
+    given = {part: getattr(options, part) for part in SINGLE_FILE_PARTS}
+    comfy = single_file.comfy_models_dir(Path(options.model)) if options.model != TINY_MODEL else None
+    if comfy is None:
+        return given
+    return {k: str(v) for k, v in single_file.comfy_parts(comfy, None, given).items()}
+
+
+def model_variant(options: EngineOptions) -> str:
+    """The variant a model's name implies (lens, turbo, base): a DiT file's name wins over the folder's."""
+    transformer = single_files(options)["transformer"]
+    return infer_variant(Path(transformer).stem if transformer else options.model)
+
+
 def model_sizes(model: str, root: Path | None, experts: str = "mxfp4") -> memory.ComponentSizes:
     """Component sizes from the checkpoint's own configs (the planner then fits any Lens-shaped model)."""
     from lensrun import configs
 
-    if model == TINY_MODEL or root is None:
+    if model == TINY_MODEL:
         return memory.ComponentSizes.from_configs(
             configs.TINY_TRANSFORMER_CONFIG, configs.TINY_TEXT_ENCODER_CONFIG, configs.TINY_VAE_CONFIG
         )
@@ -96,8 +113,8 @@ def model_sizes(model: str, root: Path | None, experts: str = "mxfp4") -> memory
     }  # fmt: skip
 
     def read(part: str) -> dict:  # a part given as a single file may have no folder: the published shapes
-        path = root / part / "config.json"
-        config = read_json(path) if part not in full or path.is_file() else full[part]
+        path = root / part / "config.json" if root is not None else None
+        config = read_json(path) if path is not None and path.is_file() else full[part]
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
@@ -113,9 +130,12 @@ class Engine:
 
     _shared: ClassVar[dict[tuple, Engine]] = {}
 
-    def __init__(self, pipe, options: EngineOptions, sizes: memory.ComponentSizes | None = None) -> None:
+    def __init__(
+        self, pipe, options: EngineOptions, sizes: memory.ComponentSizes | None = None, files: dict | None = None
+    ) -> None:
         self.pipe = pipe
         self.options = options.resolved()
+        self.files = {part: f for part, f in (files or {}).items() if f}  # single files the weights came from
         self.device = pipe.device
         self.sizes = sizes or memory.ComponentSizes.lens()
         self.variant = pipe.variant
@@ -132,18 +152,19 @@ class Engine:
         options = options.resolved()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
-        root = None
-        if options.model != TINY_MODEL:
-            root = loading.resolve_model(options.model)
-            provided = {part for part in SINGLE_FILE_PARTS if getattr(options, part)}
-            loading.check_layout(root, provided | ({"tokenizer"} if "text_encoder" in provided else set()))
-            from lensrun import single_file
+        from lensrun import single_file
 
-            for part in provided:
-                if single_file.kind(Path(getattr(options, part))) != {"transformer": "dit"}.get(part, part):
-                    flag = "--" + part.replace("_", "-")
-                    raise LensrunError(f"{flag} {getattr(options, part)}: that file holds another component")
-        sizes = model_sizes(options.model, root, experts="nvfp4" if options.text_encoder else "mxfp4")
+        root = None
+        given = single_files(options)
+        variant = model_variant(options)
+        if single_file.comfy_models_dir(Path(options.model)) is None and options.model != TINY_MODEL:
+            root = loading.resolve_model(options.model)
+            provided = {part for part, f in given.items() if f}
+            loading.check_layout(root, provided | ({"tokenizer"} if "text_encoder" in provided else set()))
+        for part, f in given.items():
+            if f and single_file.kind(Path(f)) != single_file.KIND_OF_PART[part]:
+                raise LensrunError(f"--{part.replace('_', '-')} {f}: that file holds another component")
+        sizes = model_sizes(options.model, root, experts="nvfp4" if given["text_encoder"] else "mxfp4")
         load_to = torch.device("cpu")
         if device.type == "cuda" and first:
             plans, _ = plans_for(device, first, options, sizes, compiled=False)
@@ -151,18 +172,17 @@ class Engine:
                 load_to = device
         if notify is not None:
             notify(f"loading {options.model} onto {load_to} …")
-        variant = infer_variant(options.model)
-        files = {part: getattr(options, part) for part in SINGLE_FILE_PARTS}
+        files = given
         if options.model == TINY_MODEL:
             if any(files.values()):
                 raise LensrunError("--transformer / --text-encoder / --vae replace parts of a checkpoint folder, not of tiny-random")
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
         else:
             pipe = LensPipeline.from_pretrained(
-                root, variant=variant, dtype=dtype, device=load_to, name=options.model, files=files
+                root or options.model, variant=variant, dtype=dtype, device=load_to, name=options.model, files=files
             )
         pipe._device = device
-        return cls(pipe, options, sizes)
+        return cls(pipe, options, sizes, files)
 
     @classmethod
     def shared(cls, options: EngineOptions, first: list[GenerationRequest] | None = None, notify=None) -> Engine:
@@ -195,7 +215,7 @@ class Engine:
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
             "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
             "lensrun_version": __version__,
-            **{part: getattr(self.options, part) for part in SINGLE_FILE_PARTS if getattr(self.options, part)},
+            **self.files,
         }  # fmt: skip
 
     def plans(self, requests: list[GenerationRequest], compiled: bool | None = None) -> tuple[list[memory.Plan], str]:

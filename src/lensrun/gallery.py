@@ -19,7 +19,7 @@ from pathlib import Path
 from lensrun import __version__
 from lensrun.errors import LensrunError
 from lensrun.metadata import write_atomic
-from lensrun.request import REQUEST_OPTIONS, EngineOptions, GenerationRequest, infer_variant
+from lensrun.request import REQUEST_OPTIONS, EngineOptions, GenerationRequest
 
 ENTRY_KEYS = {"name", *REQUEST_OPTIONS}
 MANIFEST = "manifest.jsonl"
@@ -82,9 +82,9 @@ def seed_for(name: str, prompt: str) -> int:
     return int(hashlib.sha256(f"{name}\n{prompt}".encode()).hexdigest()[:8], 16) % 2**31
 
 
-def load_gallery(path: str | Path, defaults: dict | None = None, model: str | None = None) -> list[Entry]:
-    """Parse and validate every entry; all problems are reported together, naming each entry. ``model``
-    gives the variant an entry without one gets (its preset steps and CFG)."""
+def load_gallery(path: str | Path, defaults: dict | None = None, variant: str | None = None) -> list[Entry]:
+    """Parse and validate every entry; all problems are reported together, naming each entry. ``variant``
+    (the model's) is what an entry without one gets (its preset steps and CFG)."""
     path = Path(path)
     if not path.is_file():
         raise LensrunError(f"gallery file not found: {path}")
@@ -115,8 +115,8 @@ def load_gallery(path: str | Path, defaults: dict | None = None, model: str | No
         settings["name"] = name
         if settings.get("seed") is None:
             settings["seed"] = seed_for(name, settings["prompt"])
-        if model is not None:
-            settings.setdefault("variant", infer_variant(model))
+        if variant is not None:
+            settings.setdefault("variant", variant)
         try:
             entry_request(settings)
         except LensrunError as err:

@@ -111,14 +111,20 @@ class LensPipeline:
         check_variant(variant)
         if str(model) == TINY_MODEL:
             return cls.tiny_random(dtype=dtype, device=device, variant=variant)
+        from lensrun import single_file
+
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        root = loading.resolve_model(model)
         files = {part: Path(f) for part, f in (files or {}).items() if f is not None}
         unknown = set(files) - {"transformer", "vae", "text_encoder"}
         if unknown:
             raise LensrunError(f"single files replace the transformer, text_encoder or vae; not {sorted(unknown)}")
-        provided = set(files) | ({"tokenizer"} if "text_encoder" in files else set())  # the file holds its tokenizer
-        loading.check_layout(root, provided=provided)
+        comfy = single_file.comfy_models_dir(Path(model))
+        root = None if comfy is not None else loading.resolve_model(model)
+        if comfy is not None:  # a ComfyUI models folder: every part from its files, the published configs
+            files = single_file.comfy_parts(comfy, variant, {k: str(v) for k, v in files.items()})
+        else:
+            provided = set(files) | ({"tokenizer"} if "text_encoder" in files else set())  # the file has its tokenizer
+            loading.check_layout(root, provided=provided)
         parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
         try:
@@ -127,10 +133,10 @@ class LensPipeline:
             from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
             from transformers import PreTrainedTokenizerFast
 
-            from lensrun import single_file
             from lensrun.configs import (
                 FULL_TRANSFORMER_CONFIG,
                 FULL_VAE_CONFIG,
+                LENS_SCHEDULER_CONFIG,
                 transformer_meta_state,
                 vae_init_kwargs,
                 vae_meta_state,
@@ -152,7 +158,11 @@ class LensPipeline:
         with _quiet_diffusers():
             transformer = _assemble(LensTransformer2DModel, t_config, t_state or reader.take("transformer"), dtype)
             vae = _assemble(AutoencoderKLFlux2, v_config, v_state or reader.take("vae"), dtype)
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+            scheduler = (
+                FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+                if root is not None
+                else FlowMatchEulerDiscreteScheduler.from_config(LENS_SCHEDULER_CONFIG)  # all Lens variants share it
+            )
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
         if "text_encoder" in files:
@@ -592,11 +602,11 @@ def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def _component_config(root: Path, part: str, full: dict) -> dict:
+def _component_config(root: Path | None, part: str, full: dict) -> dict:
     """The folder's config for a component, or the published Lens one when the component comes from a single
     file with no folder beside it (all Lens variants share the shapes; the file's shapes are checked)."""
-    path = root / part / "config.json"
-    return loading.read_json(path) if path.is_file() else {**full}
+    path = root / part / "config.json" if root is not None else None
+    return loading.read_json(path) if path is not None and path.is_file() else {**full}
 
 
 def _assemble(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):

@@ -432,8 +432,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     images: repeated sizes replay the encoder and the denoising steps as CUDA graphs)."""
     import tempfile
 
-    from lensrun.engine import resolve_device
-    from lensrun.request import EngineOptions, infer_variant
+    from lensrun.engine import model_variant, resolve_device
+    from lensrun.request import EngineOptions
 
     problem = port_problem(host, port)
     if problem:
@@ -444,7 +444,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     opts = EngineOptions(**options).resolved()
     if opts.compile is None and resolve_device(opts.device).type == "cuda":
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
-    first = GenerationRequest.build(prompt="warm-up", default_variant=infer_variant(opts.model)).images()
+    first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
     engine = Engine.shared(opts, first)
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
     app = create_app(engine, folder, api_key=api_key, max_queue=max_queue, access_log=notify)

@@ -228,3 +228,49 @@ def read_tokenizer(path: Path):
     except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
         raise LensrunError(f"{path}: 'tokenizer_json' is not a readable tokenizer: {err}") from None
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token="<|return|>")
+
+
+# ----------------------------------------------------------------------------------------- a ComfyUI models folder
+COMFY_DIRS = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+KIND_OF_PART = {"transformer": "dit", "text_encoder": "text_encoder", "vae": "vae"}
+
+
+def comfy_models_dir(path: Path) -> Path | None:
+    """The ComfyUI models folder at ``path`` (or its ``models/``), or None when ``path`` is something else."""
+    path = Path(path).expanduser()
+    for folder in (path, path / "models"):  # vae/ alone says nothing: diffusers folders have one too
+        comfy = any((folder / d).is_dir() for d in ("diffusion_models", "text_encoders"))
+        if comfy and not (folder / "model_index.json").exists():
+            return folder
+    return None
+
+
+def comfy_parts(folder: Path, variant: str | None, given: dict[str, str | None]) -> dict[str, Path]:
+    """Each Lens file of a ComfyUI models folder, recognised by its keys; ``given`` files win. For the DiT the
+    variant picks Lens or Turbo by name (default Lens) and bf16 is preferred to mxfp8 (exact, and Hopper/Ada
+    dequantize mxfp8 anyway); any other ambiguity is an error that lists the candidates."""
+    found: dict[str, Path] = {}
+    for part, sub in COMFY_DIRS.items():
+        if given.get(part):
+            found[part] = Path(given[part])
+            continue
+        files = sorted((folder / sub).glob("*.safetensors")) if (folder / sub).is_dir() else []
+        matches = []
+        for f in files:
+            try:
+                if kind(f) == KIND_OF_PART[part]:
+                    matches.append(f)
+            except LensrunError:
+                continue  # other models' files live here too
+        if part == "transformer":
+            turbo = variant == "turbo"
+            matches = [f for f in matches if ("turbo" in f.name.lower()) == turbo] or matches
+            matches = [f for f in matches if "mxfp8" not in f.name.lower()] or matches
+        if not matches:
+            what = {"transformer": "DiT", "text_encoder": "GPT-OSS text encoder", "vae": "FLUX.2 VAE"}[part]
+            raise LensrunError(f"{folder / sub}: no Lens {what} file found (name one with --{part.replace('_', '-')} FILE)")
+        if len(matches) > 1:
+            names = ", ".join(f.name for f in matches)
+            raise LensrunError(f"{folder / sub}: several candidates ({names}); choose one with --{part.replace('_', '-')} FILE")
+        found[part] = matches[0]
+    return found
