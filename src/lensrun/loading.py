@@ -21,7 +21,8 @@ WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack")
 WHERE_TO_GET = (
     "Microsoft withdrew the original Lens repos; community diffusers-layout mirrors (e.g. "
-    "YuCollection/Lens-Diffusers) work with --model REPO_ID, and a downloaded folder with --model PATH"
+    "YuCollection/Lens-Diffusers) work with --model REPO_ID, a downloaded folder with --model PATH, and "
+    "ComfyUI's single files (Comfy-Org/Lens) with --model COMFYUI_MODELS_FOLDER"
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the pipeline reads: configs, safetensors, tokenizer files. Pickles are never downloaded.
