@@ -245,7 +245,9 @@ def test_nvfp4_dequantization_is_exact():
     packed, logical, g = nvfp4.quantize(w)
     stored = _swizzle_banks(logical)
     assert stored.shape == (2, 256, 4)  # 130 rows padded to 256 by the block layout
-    got = nvfp4.dequantize(packed, stored, g, torch.float32)
+    unswizzled = single_file.unswizzle(stored.view(torch.uint8), 130, 4).view(torch.float8_e4m3fn)
+    assert torch.equal(unswizzled.view(torch.uint8), logical.view(torch.uint8))
+    got = nvfp4.dequantize(packed, unswizzled, g, torch.float32)
     assert torch.equal(got, reference_nvfp4(packed, logical, g))
     assert ((got - w).norm() / w.norm()) < 0.12  # 4-bit codes: a rough copy, as the format is
 

@@ -1,8 +1,8 @@
 """NVFP4 as ComfyUI stores GPT-OSS's experts (``../shared/COMFY_FORMATS.md`` §3).
 
 Per expert: E2M1 codes packed two per byte with the HIGH nibble first (element 2j in bits 7–4 — the opposite of
-MXFP4), one e4m3 scale per 16 inputs stored in the cuBLAS block layout, and one fp32 scale per expert:
-W[r, c] = E2M1[code] · e4m3(S[r, c // 16]) · g. Decoding is in fp32, then cast.
+MXFP4), one e4m3 scale per 16 inputs (stored in the cuBLAS block layout; unswizzled once at load), and one fp32
+scale per expert: W[r, c] = E2M1[code] · e4m3(S[r, c // 16]) · g. Decoding is in fp32, then cast.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from lensrun.mxfp4 import FP4_VALUES
-from lensrun.single_file import unswizzle
 
 BLOCK = 16
 
@@ -21,13 +20,12 @@ def scale_shape(rows: int, cols: int) -> tuple[int, int]:
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, scale_2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[E, R, K/2] codes, [E, R_pad, K/16_pad] stored e4m3 scales, [E] fp32 → [E, R, K] in ``dtype``."""
+    """[E, R, K/2] codes, [E, R, K/16] e4m3 scales (logical), [E] fp32 → [E, R, K] in ``dtype``."""
     e, rows, half = packed.shape
     cols = 2 * half
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)
     values = torch.stack([lut[(packed >> 4).int()], lut[(packed & 0x0F).int()]], dim=-1).view(e, rows, cols // BLOCK, BLOCK)
-    logical = torch.stack([unswizzle(scales[i], rows, cols // BLOCK) for i in range(e)]).float()
-    out = values * logical.unsqueeze(-1) * scale_2.float().view(e, 1, 1, 1)
+    out = values * scales.float().unsqueeze(-1) * scale_2.float().view(e, 1, 1, 1)
     return out.view(e, rows, cols).to(dtype)
 
 

@@ -9,6 +9,7 @@ is read.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -71,15 +72,20 @@ def kind(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ MXFP8
+@functools.lru_cache(maxsize=8)
+def _swizzle_index(rows: int, cols: int, padded_cols: int, device: str) -> torch.Tensor:
+    r = torch.arange(rows, device=device).view(-1, 1)
+    c = torch.arange(cols, device=device).view(1, -1)
+    return (((r // 128) * (padded_cols // 4) + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4).reshape(-1)
+
+
 def unswizzle(stored: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The logical [rows, cols] block-scale matrix from its swizzled storage [roundup(rows,128), roundup(cols,4)]
-    (cuBLAS block layout): logical (r, c) sits at flat index
+    """The logical [..., rows, cols] block-scale matrices from their swizzled storage [..., roundup(rows,128),
+    roundup(cols,4)] (cuBLAS block layout): logical (r, c) sits at flat index
     ((r//128)·nC + c//4)·512 + (r%32)·16 + ((r%128)//32)·4 + c%4, nC = padded cols / 4."""
-    padded_cols = stored.shape[1]
-    r = torch.arange(rows).view(-1, 1)
-    c = torch.arange(cols).view(1, -1)
-    flat = ((r // 128) * (padded_cols // 4) + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
-    return stored.reshape(-1)[flat.reshape(-1).to(stored.device)].view(rows, cols)
+    *lead, _, padded_cols = stored.shape
+    index = _swizzle_index(rows, cols, padded_cols, str(stored.device))
+    return stored.reshape(*lead, -1)[..., index].view(*lead, rows, cols)
 
 
 def dequantize_mxfp8(weight: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -203,14 +209,25 @@ def read_text_encoder(path: Path, expected: dict[str, torch.Tensor], device: tor
     for name, ref in expected.items():
         if name not in keys:
             raise LensrunError(f"{path}: weight '{name}' is missing (is this ComfyUI's gpt_oss_20b_nvfp4 file?)")
+        if name.endswith(".weight_scale"):  # stored in the block layout: the module keeps the logical scales
+            from lensrun.nvfp4 import scale_shape
+
+            rows, cols = ref.shape[1], ref.shape[2] * 16
+            ref = torch.empty(ref.shape[0], *scale_shape(rows, cols), dtype=ref.dtype, device="meta")
         if keys[name][1] != tuple(ref.shape):
             raise LensrunError(f"{path}: weight '{name}' has shape {list(keys[name][1])}; the model expects {list(ref.shape)}")
         packed = ref.dtype in (torch.uint8, torch.float8_e4m3fn)
         if packed and keys[name][0] not in ("U8", "F8_E4M3"):
             raise LensrunError(f"{path}: weight '{name}' is {keys[name][0]}; NVFP4 experts are U8 codes and F8_E4M3 scales")
+    out = {}
     with safe_open(path, framework="pt", device=str(device)) as f:
         names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
-        return {name: f.get_tensor(names[name]) for name in expected}
+        for name, ref in expected.items():
+            t = f.get_tensor(names[name])
+            if name.endswith(".weight_scale"):  # once, at load: decoding then reads plain [E, out, in/16] scales
+                t = unswizzle(t.view(torch.uint8), ref.shape[1], ref.shape[2]).view(torch.float8_e4m3fn)
+            out[name] = t
+    return out
 
 
 def read_tokenizer(path: Path):

@@ -120,15 +120,13 @@ class Mxfp4Experts(PackedExperts):
 
 class Nvfp4Bank(nn.Module):
     """One NVFP4 expert matrix bank under ComfyUI's names: ``weight`` [E, out, in/2] codes, ``weight_scale``
-    [E, roundup(out,128), roundup(in/16,4)] e4m3 in the block layout, ``weight_scale_2`` [E] fp32, ``bias``."""
+    [E, out, in/16] e4m3 (the file's block layout undone at load), ``weight_scale_2`` [E] fp32, ``bias``."""
 
     def __init__(self, experts: int, out: int, inp: int, dtype: torch.dtype) -> None:
         super().__init__()
-        from lensrun import nvfp4
-
         frozen = dict(requires_grad=False)
         self.weight = nn.Parameter(torch.zeros(experts, out, inp // 2, dtype=torch.uint8), **frozen)
-        self.weight_scale = nn.Parameter(torch.zeros(experts, *nvfp4.scale_shape(out, inp), dtype=torch.float8_e4m3fn), **frozen)
+        self.weight_scale = nn.Parameter(torch.zeros(experts, out, inp // 16, dtype=torch.float8_e4m3fn), **frozen)
         self.weight_scale_2 = nn.Parameter(torch.zeros(experts, dtype=torch.float32), **frozen)
         self.bias = nn.Parameter(torch.zeros(experts, out, dtype=dtype), **frozen)
 
