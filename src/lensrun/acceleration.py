@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lensrun.errors import LensrunError
-from lensrun.request import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 - re-exported
+from lensrun.request import normalize_precision
 
 
 def check_precision(precision: str, device: torch.device) -> str:

@@ -22,7 +22,7 @@ import torch
 from lensrun.acceleration import quantizable
 from lensrun.errors import LensrunError
 from lensrun.mxfp4 import fused_kernel_available
-from lensrun.request import PLACEMENTS, PRECISIONS, check_placement  # noqa: F401 - re-exported
+from lensrun.request import PLACEMENTS, PRECISIONS
 
 GIB = 2**30
 DIT_BYTES_PER_TOKEN = 0.384 * GIB / 8348

@@ -106,25 +106,16 @@ class LensPipeline:
         """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead).
 
         Weights are read straight onto ``device`` (no CPU copy first); ``name`` is what images record as the
-        model (default: ``model`` as given). ``files``: ComfyUI single files that replace the folder's
-        ``transformer`` and/or ``vae`` (``lensrun.single_file``)."""
+        model (default: ``model`` as given). ``model`` may also be a ComfyUI models folder, and ``files`` ComfyUI
+        single files that replace the folder's ``transformer``, ``text_encoder`` or ``vae``
+        (``lensrun.single_file``)."""
         check_variant(variant)
         if str(model) == TINY_MODEL:
             return cls.tiny_random(dtype=dtype, device=device, variant=variant)
         from lensrun import single_file
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        files = {part: Path(f) for part, f in (files or {}).items() if f is not None}
-        unknown = set(files) - {"transformer", "vae", "text_encoder"}
-        if unknown:
-            raise LensrunError(f"single files replace the transformer, text_encoder or vae; not {sorted(unknown)}")
-        comfy = single_file.comfy_models_dir(Path(model))
-        root = None if comfy is not None else loading.resolve_model(model)
-        if comfy is not None:  # a ComfyUI models folder: every part from its files, the published configs
-            files = single_file.comfy_parts(comfy, variant, {k: str(v) for k, v in files.items()})
-        else:
-            provided = set(files) | ({"tokenizer"} if "text_encoder" in files else set())  # the file has its tokenizer
-            loading.check_layout(root, provided=provided)
+        root, files = _sources(model, variant, files)
         parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
         try:
@@ -166,11 +157,7 @@ class LensPipeline:
         encoder_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         layers = tuple(transformer.config.selected_layer_index)
         if "text_encoder" in files:
-            from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
-
-            te_config = _component_config(root, "text_encoder", FULL_TEXT_ENCODER_CONFIG)
-            text_encoder = LensTextEncoder.from_comfy_file(files["text_encoder"], te_config, layers, encoder_dtype, device)
-            tokenizer = single_file.read_tokenizer(files["text_encoder"])
+            text_encoder, tokenizer = _comfy_text_encoder(root, files["text_encoder"], layers, encoder_dtype, device)
         else:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
             text_encoder = LensTextEncoder.from_pretrained(
@@ -600,6 +587,33 @@ def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype
     """Noise drawn where the generator lives (a CPU generator gives the same numbers on every GPU), then moved."""
     where = "cpu" if generator.device.type == "cpu" else device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def _sources(model: str | Path, variant: str | None, files: dict | None) -> tuple[Path | None, dict[str, Path]]:
+    """(diffusers folder or None, single file per part): a ComfyUI models folder gives every part from its files;
+    otherwise the folder is checked, less the parts given as files (an encoder file holds its tokenizer)."""
+    from lensrun import single_file
+
+    files = {part: Path(f) for part, f in (files or {}).items() if f is not None}
+    unknown = set(files) - {"transformer", "vae", "text_encoder"}
+    if unknown:
+        raise LensrunError(f"single files replace the transformer, text_encoder or vae; not {sorted(unknown)}")
+    comfy = single_file.comfy_models_dir(Path(model))
+    if comfy is not None:
+        return None, single_file.comfy_parts(comfy, variant, {k: str(v) for k, v in files.items()})
+    root = loading.resolve_model(model)
+    loading.check_layout(root, provided=set(files) | ({"tokenizer"} if "text_encoder" in files else set()))
+    return root, files
+
+
+def _comfy_text_encoder(root: Path | None, path: Path, layers: tuple[int, ...], dtype: torch.dtype, device):
+    """ComfyUI's NVFP4 GPT-OSS file and the tokenizer inside it (config: the folder's, else the published one)."""
+    from lensrun import single_file
+    from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
+    from lensrun.models.text_encoder import LensTextEncoder
+
+    config = _component_config(root, "text_encoder", FULL_TEXT_ENCODER_CONFIG)
+    return LensTextEncoder.from_comfy_file(path, config, layers, dtype, device), single_file.read_tokenizer(path)
 
 
 def _component_config(root: Path | None, part: str, full: dict) -> dict:
