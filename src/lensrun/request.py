@@ -317,7 +317,9 @@ class GenerationRequest:
 class EngineOptions:
     """How a run uses the machine: which weights, where, in which precision, compiled or not."""
 
-    model: str = option(DEFAULT_MODEL, f"folder or Hub repo id, or '{TINY_MODEL}'", example=TINY_MODEL)
+    model: str = option(
+        DEFAULT_MODEL, f"diffusers folder, Hub repo id, ComfyUI models folder, or '{TINY_MODEL}'", example=TINY_MODEL
+    )
     transformer: str | None = option(
         None, "the DiT from a ComfyUI single file (lens_bf16 / lens_mxfp8 …) instead of --model's transformer/",
         example="diffusion_models/lens_bf16.safetensors",
