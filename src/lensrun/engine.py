@@ -91,9 +91,9 @@ def single_files(options: EngineOptions) -> dict[str, str | None]:
     return {k: str(v) for k, v in single_file.comfy_parts(comfy, None, given).items()}
 
 
-def model_variant(options: EngineOptions) -> str:
+def model_variant(options: EngineOptions, files: dict[str, str | None] | None = None) -> str:
     """The variant a model's name implies (lens, turbo, base): a DiT file's name wins over the folder's."""
-    transformer = single_files(options)["transformer"]
+    transformer = (files or single_files(options))["transformer"]
     return infer_variant(Path(transformer).stem if transformer else options.model)
 
 
@@ -146,25 +146,24 @@ class Engine:
     def load(cls, options: EngineOptions, first: list[GenerationRequest] | None = None, notify=None) -> Engine:
         """Check the model, plan for the first requests (when known) and load the weights straight to where that
         plan keeps them: a resident plan reads them onto the GPU, any other plan into CPU memory."""
-        from lensrun import loading
-        from lensrun.pipeline import LensPipeline
+        from lensrun import single_file
+        from lensrun.pipeline import LensPipeline, resolve_sources
 
         options = options.resolved()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
-        from lensrun import single_file
-
+        files = single_files(options)
+        variant = model_variant(options, files)
         root = None
-        given = single_files(options)
-        variant = model_variant(options)
-        if single_file.comfy_models_dir(Path(options.model)) is None and options.model != TINY_MODEL:
-            root = loading.resolve_model(options.model)
-            provided = {part for part, f in given.items() if f}
-            loading.check_layout(root, provided | ({"tokenizer"} if "text_encoder" in provided else set()))
-        for part, f in given.items():
+        if options.model == TINY_MODEL:
+            if any(files.values()):
+                raise LensrunError("--transformer / --text-encoder / --vae replace parts of a checkpoint folder, not of tiny-random")
+        else:
+            root, _ = resolve_sources(options.model, variant, files)
+        for part, f in files.items():
             if f and single_file.kind(Path(f)) != single_file.KIND_OF_PART[part]:
                 raise LensrunError(f"--{part.replace('_', '-')} {f}: that file holds another component")
-        sizes = model_sizes(options.model, root, experts="nvfp4" if given["text_encoder"] else "mxfp4")
+        sizes = model_sizes(options.model, root, experts="nvfp4" if files["text_encoder"] else "mxfp4")
         load_to = torch.device("cpu")
         if device.type == "cuda" and first:
             plans, _ = plans_for(device, first, options, sizes, compiled=False)
@@ -172,10 +171,7 @@ class Engine:
                 load_to = device
         if notify is not None:
             notify(f"loading {options.model} onto {load_to} …")
-        files = given
         if options.model == TINY_MODEL:
-            if any(files.values()):
-                raise LensrunError("--transformer / --text-encoder / --vae replace parts of a checkpoint folder, not of tiny-random")
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
         else:
             pipe = LensPipeline.from_pretrained(

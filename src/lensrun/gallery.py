@@ -181,7 +181,7 @@ def run_gallery(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
-    done_hashes = {r["hash"] for r in read_manifest(out) if r.get("status") == "done" and (out / r["file"]).is_file()}
+    done_hashes = set(_finished(out))
     images = plan_images(entries, options, dtype)
     current = json.dumps({"hashes": [digest for _, _, digest, _ in images]}).encode()
     write_atomic(out / CURRENT, lambda f: f.write(current))
@@ -241,16 +241,17 @@ def current_hashes(out: Path) -> set[str] | None:
         return None
 
 
+def _finished(out: Path) -> dict[str, dict]:
+    """The latest done row per image hash whose PNG is still there."""
+    return {r["hash"]: r for r in read_manifest(out) if r.get("status") == "done" and (out / r["file"]).is_file()}
+
+
 def finished_rows(out: Path) -> tuple[list[dict], list[dict]]:
     """Finished images, (current, superseded): superseded rows belong to entries since edited or removed."""
-    latest: dict[str, dict] = {}
-    for row in read_manifest(out):
-        if row.get("status") == "done" and (out / row["file"]).is_file():
-            latest[row["hash"]] = row
+    rows = list(_finished(out).values())
     current = current_hashes(out)
     if current is None:
-        return list(latest.values()), []
-    rows = list(latest.values())
+        return rows, []
     return [r for r in rows if r["hash"] in current], [r for r in rows if r["hash"] not in current]
 
 

@@ -15,7 +15,8 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 _LUT_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def fp4_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 E2M1 values on ``device`` (cached: decoding runs per layer, per call)."""
     key = (device, dtype)
     if key not in _LUT_CACHE:
         _LUT_CACHE[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
@@ -24,7 +25,7 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """[..., R, G, 16] blocks + [..., R, G] scales → [..., R, G·32] values (row-major like a Linear weight)."""
-    lut = _lut(blocks.device, dtype)
+    lut = fp4_table(blocks.device, dtype)
     lo = lut[(blocks & 0x0F).int()]
     hi = lut[(blocks >> 4).int()]
     vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., R, G, 32]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lensrun.mxfp4 import FP4_VALUES
+from lensrun.mxfp4 import fp4_table
 
 BLOCK = 16
 
@@ -23,7 +23,7 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, scale_2: torch.Tensor
     """[E, R, K/2] codes, [E, R, K/16] e4m3 scales (logical), [E] fp32 → [E, R, K] in ``dtype``."""
     e, rows, half = packed.shape
     cols = 2 * half
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)
+    lut = fp4_table(packed.device, torch.float32)
     values = torch.stack([lut[(packed >> 4).int()], lut[(packed & 0x0F).int()]], dim=-1).view(e, rows, cols // BLOCK, BLOCK)
     out = values * scales.float().unsqueeze(-1) * scale_2.float().view(e, 1, 1, 1)
     return out.view(e, rows, cols).to(dtype)

@@ -115,7 +115,7 @@ class LensPipeline:
         from lensrun import single_file
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        root, files = _sources(model, variant, files)
+        root, files = resolve_sources(model, variant, files)
         parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
         try:
@@ -589,7 +589,7 @@ def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
-def _sources(model: str | Path, variant: str | None, files: dict | None) -> tuple[Path | None, dict[str, Path]]:
+def resolve_sources(model: str | Path, variant: str | None, files: dict | None) -> tuple[Path | None, dict[str, Path]]:
     """(diffusers folder or None, single file per part): a ComfyUI models folder gives every part from its files;
     otherwise the folder is checked, less the parts given as files (an encoder file holds its tokenizer)."""
     from lensrun import single_file
