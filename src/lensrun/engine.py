@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -38,12 +40,14 @@ class Cancelled(Exception):
 @dataclass
 class Task:
     """One image to make: a single-image request, where its PNG goes (None: kept in memory), the caller's tag,
-    and ``keep``: where its denoised latents wait for decoding (an interrupted run resumes from them)."""
+    ``keep``: where its denoised latents wait for decoding (an interrupted run resumes from them), and
+    ``on_step(step, steps)``: this image's own progress (a server reports each job's, even in a shared run)."""
 
     request: GenerationRequest
     path: Path | None = None
     tag: object = None
     keep: Path | None = None
+    on_step: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -140,6 +144,10 @@ class Engine:
         self.sizes = sizes or memory.ComponentSizes.lens()
         self.variant = pipe.variant
         self.last_decision: compile_policy.CompileDecision | None = None
+        # A server sets this: compilation then runs on a side thread while runs stay eager (no request waits).
+        self.background_compile = False
+        self.compiling = None  # the background compilation under way (lensrun.background_compile)
+        self._writer: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -238,10 +246,15 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         notify: Callable[[str], None] | None = None,
         progress: bool = False,
+        wait: bool = True,
     ) -> list[Result]:
         """Make every task's image. ``isolate``: a failing image is recorded in its result and the others go
         on (galleries); otherwise the first failure is raised. ``on_step(done, total)`` counts steps over the
-        whole run; ``should_stop`` is polled every step (True stops the run with ``Cancelled``)."""
+        whole run; ``should_stop`` is polled every step (True stops the run with ``Cancelled``).
+
+        PNGs are encoded and written on a writer thread while the GPU goes on with the next image;
+        ``on_result`` is called there, once the image's file is complete. ``wait=False`` returns before the
+        last writes finish (a server starts its next run meanwhile; its ``on_result`` completes each job)."""
         from tqdm.auto import tqdm
 
         say = notify or (lambda message: None)
@@ -255,29 +268,45 @@ class Engine:
         run.encode()
         bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress)
 
-        def step(i: int, n: int) -> None:
+        def step(result: Result, i: int, n: int) -> None:
             nonlocal done
             done += 1
             bar.update(1)
             if on_step is not None:
                 on_step(done, total)
+            if result.task.on_step is not None:
+                result.task.on_step(i, n)
             if should_stop is not None and should_stop():
                 raise Cancelled
 
+        per_group = 1 if self.pipe.plan.placement == "resident" else GROUP_IMAGES
         try:
-            for group in _groups([r for r in run.results if r.error is None]):
+            for group in _groups([r for r in run.results if r.error is None], per_group):
                 bar.set_description("denoising")
                 run.denoise(group, step)
                 bar.set_description("decoding")
                 run.decode(group)
+        except BaseException:
+            if wait:  # the images already decoded still reach their files before the error goes up
+                futures.wait(run.writes)
+            raise
         finally:
             bar.close()
+        if wait:
+            run.wait_for_writes()
         self._remember_compilation()
         return run.results
+
+    def writer(self) -> ThreadPoolExecutor:
+        """The one thread that encodes and writes this engine's PNGs, in order."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lensrun-writer")
+        return self._writer
 
     # ------------------------------------------------------------------------------------------- internals
     def _prepare(self, requests: list[GenerationRequest], plans: list[memory.Plan] | None, say) -> list[memory.Plan]:
         """Plan (unless given), decide compilation (a compiled plan keeps CUDA graph pools), apply the first."""
+        self._switch_when_compiled(say)
         if plans is None:
             plans, why = self.plans(requests, compiled=False)
             decision = self.decide_compile(requests, plans[0])
@@ -287,19 +316,39 @@ class Engine:
         else:
             decision = self.decide_compile(requests, plans[0])
         self.last_decision = decision
-        if decision.compile != self.pipe.compiled:
+        if decision.compile != self.pipe.compiled and self.compiling is None:
             say(decision.reason)
-        self._apply(plans[0], decision.compile)
+        self._apply(plans[0], decision.compile, say)
         return list(plans)
 
-    def _apply(self, plan: memory.Plan, compile: bool) -> None:
+    def _apply(self, plan: memory.Plan, compile: bool, say=None) -> None:
         pipe = self.pipe
         if plan.precision != pipe.precision and pipe.precision != "bf16":
             raise LensrunError(f"the DiT is quantized to {pipe.precision}; this run needs {plan.precision}: start a new process")
-        if compile and not pipe.compiled:  # before placement: a stream plan wraps the blocks it streams
+        if plan.precision != pipe.precision and self.compiling is not None:
+            raise LensrunError(f"this run needs the DiT in {plan.precision} while it compiles in bf16: start a new process")
+        if compile and not pipe.compiled and self.compiling is None:
             _load_compile_artifacts(self._compile_key(plan))
-            pipe.optimize(compile=True, precision=pipe.precision)
+            if self.background_compile and plan.placement == "resident":
+                self.compiling = pipe.compile_in_background()
+                if say is not None:
+                    say("compiling in the background; runs stay eager until it is ready")
+            else:  # before placement: a stream plan wraps the blocks it streams
+                pipe.optimize(compile=True, precision=pipe.precision)
         pipe.apply_plan(plan, self.device)
+
+    def _switch_when_compiled(self, say) -> None:
+        """Between runs: a finished background compilation takes over (a failed one is said, runs stay eager)."""
+        job = self.compiling
+        if job is None or not job.ready() or self.pipe.compiled:
+            return
+        if job.error is not None:
+            say(f"background compilation failed ({job.error}); staying eager")
+            self.background_compile = False
+        else:
+            self.pipe.switch_to_compiled(job)
+            say(f"compiled in the background in {job.seconds:.1f} s; runs are compiled from now on")
+        self.compiling = None
 
     def _compile_key(self, plan: memory.Plan) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -379,12 +428,14 @@ def plans_for(
     return [plan, *fallbacks], why
 
 
-def _groups(results: list[Result]) -> list[list[Result]]:
-    """Same-size images together (a compiled shape or captured step graph is reused), at most GROUP_IMAGES."""
+def _groups(results: list[Result], size: int) -> list[list[Result]]:
+    """Same-size images together (a compiled shape or captured step graph is reused), at most ``size`` a group:
+    a resident plan decodes each image as soon as it is denoised (nothing to move between phases); a phased
+    plan denoises up to GROUP_IMAGES before the VAE comes in."""
     by_size: dict[tuple[int, int], list[Result]] = {}
     for r in results:
         by_size.setdefault((r.task.request.height, r.task.request.width), []).append(r)
-    return [g[i : i + GROUP_IMAGES] for g in by_size.values() for i in range(0, len(g), GROUP_IMAGES)]
+    return [g[i : i + size] for g in by_size.values() for i in range(0, len(g), size)]
 
 
 class _Run:
@@ -402,13 +453,14 @@ class _Run:
         self.conditions: dict[int, tuple] = {}
         self.latents: dict[int, torch.Tensor] = {}
         self.encode_seconds = 0.0
+        self.writes: list[Future] = []
 
     def fail(self, result: Result, err: Exception) -> None:
         if not self.isolate:
             raise err
         result.error = f"{type(err).__name__}: {err}"
-        if self.on_result is not None:
-            self.on_result(result)
+        if self.on_result is not None:  # on the writer thread, like every other result: one caller at a time
+            self.writes.append(self.engine.writer().submit(self.on_result, result))
 
     def each(self, phase: Callable, items: list[Result], work: Callable[[Result], None]) -> None:
         """``work`` on each item inside ``phase()``. After an out-of-memory error the phase is left (freeing
@@ -473,13 +525,14 @@ class _Run:
             req = r.task.request
             start = _synced(self.pipe.device)
             kept = _load_latents(r.task.keep, self.pipe.device, self.pipe.dtype)
+            on_step = lambda i, n: step(r, i, n)  # noqa: E731
             if kept is not None:  # denoised by an interrupted run; its steps are skipped
                 self.latents[id(r)] = kept
                 for i in range(req.steps):
-                    step(i + 1, req.steps)
+                    on_step(i + 1, req.steps)
             else:
                 noise = self.pipe.initial_noise(req.seed, req.grid, req.noise)
-                self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, step)
+                self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, on_step)
                 _save_latents(r.task.keep, self.latents[id(r)])
             r.report["seconds"] = {"encode": round(self.encode_seconds, 3), "denoise": round(_synced(self.pipe.device) - start, 3)}
 
@@ -489,7 +542,6 @@ class _Run:
 
     def decode(self, group: list[Result]) -> None:
         from lensrun.decoding import decode_tokens, to_pil
-        from lensrun.metadata import save_png
 
         def work(r: Result) -> None:
             req = r.task.request
@@ -502,15 +554,31 @@ class _Run:
             if self.pipe.device.type == "cuda":
                 r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
                 r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)
-            r.image = image
+            self.writes.append(self.engine.writer().submit(self.finish, r, image))
+
+        self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
+
+    def finish(self, r: Result, image) -> None:
+        """On the writer thread: the PNG (atomically), the kept latents gone, then ``on_result``."""
+        from lensrun.metadata import save_png
+
+        try:
             if r.task.path is not None:
                 save_png(image, r.task.path, r.config, r.report)
             if r.task.keep is not None:
                 r.task.keep.unlink(missing_ok=True)
-            if self.on_result is not None:
-                self.on_result(r)
+            r.image = image
+        except Exception as err:  # noqa: BLE001 - isolating: this image failed, the run goes on
+            if not self.isolate:
+                raise
+            r.error = f"{type(err).__name__}: {err}"
+        if self.on_result is not None:
+            self.on_result(r)
 
-        self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
+    def wait_for_writes(self) -> None:
+        """Every PNG of this run on disk; the first write error raised (isolating runs record theirs instead)."""
+        for write in self.writes:
+            write.result()
 
 
 def _save_latents(path: Path | None, latents: torch.Tensor) -> None:

@@ -259,11 +259,28 @@ class LensPipeline:
         if compile and not self.compiled:
             acceleration.compile_cache_dir()
             self.transformer.compile_blocks()
-            if self.device.type == "cuda" and self.text_encoder is not None:
-                self.text_encoder.compile_dequantize()
-            self.compiled = True
+            self._compiled_now()
         self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self
+
+    def compile_in_background(self):
+        """Start compiling the DiT's blocks on a side thread (``lensrun.background_compile``); this pipeline
+        stays eager until ``switch_to_compiled`` is called with the returned job finished."""
+        from lensrun.background_compile import BackgroundCompile
+
+        acceleration.compile_cache_dir()
+        return BackgroundCompile(self)
+
+    def switch_to_compiled(self, job) -> None:
+        """Between runs: use the blocks a finished ``compile_in_background`` job compiled."""
+        job.gate.open = True
+        self._compiled_now()
+        self._reset_graphs()
+
+    def _compiled_now(self) -> None:
+        if self.device.type == "cuda" and self.text_encoder is not None:
+            self.text_encoder.compile_dequantize()
+        self.compiled = True
 
     def apply_plan(self, plan: Plan, device: str | torch.device | None = None) -> LensPipeline:
         """Carry out a memory plan (see ``lensrun.memory``): DiT precision, placement, decode chunk, VAE tiling.

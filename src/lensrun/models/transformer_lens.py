@@ -10,7 +10,9 @@ loads the published weights. Two attention paths share one set of weights:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +162,28 @@ class LensTransformerBlock(nn.Module):
         return x, c
 
 
+class CompiledGate:
+    """Which threads call compiled blocks: every thread once ``open``; before that only one inside ``warming()``."""
+
+    def __init__(self, open: bool) -> None:
+        self.open = open
+        self._local = threading.local()
+
+    def route(self, compiled, eager):
+        return lambda *args, **kwargs: (compiled if self.compiled_here() else eager)(*args, **kwargs)
+
+    def compiled_here(self) -> bool:
+        return self.open or getattr(self._local, "warming", False)
+
+    @contextlib.contextmanager
+    def warming(self):
+        self._local.warming = True
+        try:
+            yield
+        finally:
+            self._local.warming = False
+
+
 @dataclass
 class StepConditioning:
     """Everything a forward needs from the timestep: its embedding and each block's modulation."""
@@ -277,14 +301,20 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
             self._rope_cache[key] = lens_rope(grid, text_len, tuple(self.config.axes_dims_rope), device=device)
         return self._rope_cache[key]
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, open: bool = True, **options) -> CompiledGate:
         """Regional compilation: one compiled graph serves all blocks (they share code and shapes).
 
         Token counts are compiled as symbolic sizes from the first call (``_symbolic_tokens``): otherwise a prompt
-        of a new length, or a new resolution, recompiles once more (seconds in bf16, over a minute in fp8)."""
+        of a new length, or a new resolution, recompiles once more (seconds in bf16, over a minute in fp8).
+        ``open=False``: the compiled blocks are used only by a thread inside ``gate.warming()`` until
+        ``gate.open`` is set, so other threads keep running eagerly while one compiles."""
+        gate = CompiledGate(open)
         for block in self.transformer_blocks:
             block.compile(**options)
+            compiled, eager = block._compiled_call_impl, block._call_impl
+            block._compiled_call_impl = gate.route(compiled, eager)
         self._compiled_blocks = True
+        return gate
 
     def _symbolic_tokens(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Mark the image and text token dimensions of block 0's inputs as varying, for a compiled block's first
