@@ -118,9 +118,10 @@ def test_withdrawn_default_model_says_where_weights_are(tmp_path, capsys):
 
 
 def test_interrupted_gallery_says_what_was_kept(tmp_path, capsys, monkeypatch):
-    import lensrun.metadata as md
+    """Ctrl-C while the second image denoises: the first image's PNG (on the writer thread) still completes."""
+    from lensrun.pipeline import LensPipeline
 
-    real, calls = md.save_png, []
+    real, calls = LensPipeline.denoise, []
 
     def interrupt_second(*args, **kwargs):
         calls.append(1)
@@ -128,13 +129,13 @@ def test_interrupted_gallery_says_what_was_kept(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(md, "save_png", interrupt_second)
+    monkeypatch.setattr(LensPipeline, "denoise", interrupt_second)
     gallery = tmp_path / "g.txt"
     gallery.write_text("a fox\na lake\na kite\n")
     code, _, err = _run(["gallery", str(gallery), "--out", str(tmp_path / "g"), *TINY], capsys)
     assert code == 130 and "Traceback" not in err
     assert "interrupted" in err and "Run the same command again to resume" in err
-    monkeypatch.setattr(md, "save_png", real)
+    monkeypatch.setattr(LensPipeline, "denoise", real)
     code, out, _ = _run(["gallery", str(gallery), "--out", str(tmp_path / "g"), *TINY], capsys)
     assert code == 0 and "done 2, skipped 1" in out
 

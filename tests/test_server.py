@@ -166,8 +166,8 @@ def held(pipe, tmp_path):
     original = engine.run
 
     def slow(*args, **kwargs):
-        on_step = kwargs["on_step"]
-        kwargs["on_step"] = lambda i, n: (gate.wait(30), on_step(i, n))
+        should_stop = kwargs["should_stop"]
+        kwargs["should_stop"] = lambda: (gate.wait(30), should_stop())[1]
         return original(*args, **kwargs)
 
     engine.run = slow

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     srv.add_argument("--max-queue", type=int, default=16, help="jobs waiting at most; more get 429")
     srv.add_argument("--files", default=None, help="folder for generated images (default: a temp folder)")
+    srv.add_argument("--warmup", action="store_true",
+                     help="compile before listening (otherwise requests run eagerly while it compiles on a side thread)")
     _options(srv, EngineOptions)
 
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")

@@ -147,6 +147,7 @@ class Engine:
         # A server sets this: compilation then runs on a side thread while runs stay eager (no request waits).
         self.background_compile = False
         self.compiling = None  # the background compilation under way (lensrun.background_compile)
+        self.compile_error: str | None = None  # why a background compilation failed: runs stay eager
         self._writer: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------ construction
@@ -231,6 +232,8 @@ class Engine:
         seconds = [
             memory.predict(plan, self.sizes, r.height, r.width, r.steps, r.cfg != 1.0, graphs=True).seconds for r in requests
         ]
+        if self.compile_error is not None:
+            return compile_policy.CompileDecision(False, f"eager: compilation failed ({self.compile_error})")
         warm = self.device.type == "cuda" and compile_policy.marker(_compile_folder(), self._compile_key(plan)).exists()
         return compile_policy.decide(self.options.compile, self.device.type, seconds, warm, self.pipe.compiled)
 
@@ -297,6 +300,21 @@ class Engine:
         self._remember_compilation()
         return run.results
 
+    def compile_ahead(self, requests: list[GenerationRequest], wait: bool = False, notify=None) -> None:
+        """A server's start: when its runs will compile, start compiling now on a side thread (runs stay eager
+        until it is done); ``wait``: block until it is done and switch to it."""
+        say = notify or (lambda message: None)
+        self.background_compile = True
+        plans, _ = self.plans(requests, compiled=True)
+        if not self.decide_compile(requests, plans[0]).compile:
+            return
+        self._apply(plans[0], True, say)
+        if wait and self.compiling is not None:
+            start = time.perf_counter()
+            self.compiling.wait()
+            say(f"compiled in {time.perf_counter() - start:.1f} s")
+            self._switch_when_compiled(say)
+
     def writer(self) -> ThreadPoolExecutor:
         """The one thread that encodes and writes this engine's PNGs, in order."""
         if self._writer is None:
@@ -344,7 +362,7 @@ class Engine:
             return
         if job.error is not None:
             say(f"background compilation failed ({job.error}); staying eager")
-            self.background_compile = False
+            self.compile_error = job.error
         else:
             self.pipe.switch_to_compiled(job)
             say(f"compiled in the background in {job.seconds:.1f} s; runs are compiled from now on")

@@ -1,18 +1,20 @@
 """``lensrun serve``: the loaded model behind an OpenAI-compatible Images API, a job queue and a web page.
 
-One worker thread owns the GPU and takes jobs in order from a bounded queue; request handlers only validate,
-enqueue and wait (asynchronously). Images are saved with the same PNG metadata as the CLI's and served under
-random ids, so no client ever names a path.
+One worker thread owns the GPU and takes jobs in order from a bounded queue, running queued jobs of the same
+size and settings together as one engine run; the engine's writer thread writes each PNG and completes its job
+while the GPU goes on. Request handlers only validate, enqueue and wait (asynchronously). Compilation happens on
+a side thread while requests run eagerly (``Engine.background_compile``). Images are saved with the same PNG
+metadata as the CLI's and served under random ids, so no client ever names a path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import os
-import queue
 import re
 import secrets
 import threading
@@ -108,9 +110,29 @@ class Job:
     events: list[dict] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
+    written: int = 0  # images on disk so far
+    _ending: threading.Lock = field(default_factory=threading.Lock)
 
     def emit(self, kind: str, **data) -> None:
         self.events.append({"event": kind, **data})
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """The job's end, said once (the GPU thread and the writer thread may both try)."""
+        with self._ending:
+            if self.done.is_set():
+                return
+            self.status, self.error = status, error
+            if status == "succeeded":
+                self.emit("done", images=[f"/v1/files/{f}.png" for f in self.files], warnings=self.warnings)
+            else:
+                self.emit("error", message=error)
+            self.done.set()
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys share one engine run: same size, steps and guidance give the same plan, so each
+        image is the one its request would get alone."""
+        r = self.request
+        return (r.height, r.width, r.steps, r.cfg, r.variant)
 
     def public(self) -> dict:
         return {
@@ -121,95 +143,129 @@ class Job:
 
 
 class Worker:
-    """The single GPU worker: a bounded FIFO of jobs, run one at a time."""
+    """The GPU worker: a bounded FIFO of jobs. It takes the oldest job together with every queued job of the
+    same batch key (up to MAX_BATCH_IMAGES images) and runs them as one engine run — prompts encoded together,
+    each image denoised with its own seed, PNGs written on the engine's writer thread while the next image
+    runs. Jobs of equal keys keep their order; a job of another key waits at most one run."""
 
     KEEP_JOBS = 512
+    MAX_BATCH_IMAGES = 8
 
     def __init__(self, engine: Engine, files: Path, max_queue: int = 16) -> None:
         self.engine = engine
         self.files = files
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.pending: collections.deque[Job] = collections.deque()
+        self.ready = threading.Condition()
         self.jobs: dict[str, Job] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="lensrun-worker", daemon=True)
         self.thread.start()
 
+    def queued(self) -> int:
+        return len(self.pending)
+
     def submit(self, job: Job) -> None:
-        if self.stopping.is_set():
-            raise ApiError(503, "the server is shutting down")
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"the queue is full ({self.queue.maxsize} jobs); retry later", headers={"Retry-After": "5"}) from None
-        self.jobs[job.id] = job
-        job.emit("queued", position=self.queue.qsize())
+        with self.ready:
+            if self.stopping.is_set():
+                raise ApiError(503, "the server is shutting down")
+            if len(self.pending) >= self.max_queue:
+                raise ApiError(429, f"the queue is full ({self.max_queue} jobs); retry later", headers={"Retry-After": "5"})
+            self.pending.append(job)
+            self.jobs[job.id] = job
+            job.emit("queued", position=len(self.pending))
+            self.ready.notify()
         finished = [j for j in self.jobs.values() if j.done.is_set()]
         for old in finished[: max(0, len(self.jobs) - self.KEEP_JOBS)]:  # bounded memory: oldest finished go
-            del self.jobs[old.id]
+            self.jobs.pop(old.id, None)
+
+    def next_batch(self) -> list[Job]:
+        """The oldest job and the queued jobs that can share its run (empty after 0.1 s without work)."""
+        with self.ready:
+            if not self.pending and not self.ready.wait_for(lambda: self.pending, timeout=0.1):
+                return []
+            head = self.pending.popleft()
+            batch, images = [head], head.request.n
+            for job in list(self.pending):
+                if job.batch_key() == head.batch_key() and images + job.request.n <= self.MAX_BATCH_IMAGES:
+                    self.pending.remove(job)
+                    batch.append(job)
+                    images += job.request.n
+            return batch
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            try:
-                job = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._run(job)
+            batch = self.next_batch()
+            if batch:
+                self._run(batch)
 
-    def _run(self, job: Job) -> None:
-        job.status = "running"
-        job.emit("running")
+    def _run(self, batch: list[Job]) -> None:
+        owner: dict[int, Job] = {}
+        tags: dict[str, list[str]] = {job.id: [] for job in batch}
+        tasks: list[Task] = []
+        for job in batch:
+            job.status, job.total = "running", job.request.steps * job.request.n
+            job.emit("running")
+            self._prompt_warnings(job)
+            for single in job.request.images():
+                task = Task(single, tag=uuid.uuid4().hex, on_step=self._progress(job))
+                task.path = self.files / f"{task.tag}.png"
+                tags[job.id].append(task.tag)
+                owner[id(task)] = job
+                tasks.append(task)
+
+        def on_result(result) -> None:  # on the engine's writer thread
+            job = owner[id(result.task)]
+            if result.error is not None:
+                job.finish("failed", result.error)
+                return
+            job.report = job.report or result.report
+            job.written += 1
+            if job.written == job.request.n:
+                job.files = tags[job.id]
+                job.finish("succeeded")
+
         try:
-            self._generate(job)
-            job.status = "succeeded"
-            job.emit("done", images=[f"/v1/files/{f}.png" for f in job.files], warnings=job.warnings)
+            self.engine.run(tasks, isolate=True, on_result=on_result, wait=False,
+                            should_stop=lambda: any(j.cancel.is_set() for j in batch))  # fmt: skip
         except Cancelled:
-            job.status, job.error = "cancelled", "cancelled: the server is shutting down"
-            job.emit("error", message=job.error)
-        except Exception as err:  # noqa: BLE001 - a failed job is reported to its client, the server goes on
-            job.status, job.error = "failed", f"{type(err).__name__}: {err}"
-            job.emit("error", message=job.error)
-        finally:
-            job.done.set()
+            for job in batch:
+                job.finish("cancelled", "cancelled: the server is shutting down")
+        except Exception as err:  # noqa: BLE001 - failed jobs are reported to their clients, the server goes on
+            for job in batch:
+                job.finish("failed", f"{type(err).__name__}: {err}")
 
-    def _generate(self, job: Job) -> None:
-        """The job's images through the engine (planned for this request's size, steps and CFG)."""
-        pipe = self.engine.pipe
-        if pipe.tokenizer is not None:
-            with warnings.catch_warnings():  # said once, by the encoder, and in the job's own warnings
-                warnings.simplefilter("ignore")
-                cut = tokenize_prompts(pipe.tokenizer, list(job.request.prompts)).dropped[0]
-            if cut:
-                job.warnings.append(f"prompt too long: the last {cut} tokens were cut (limit {MAX_SEQUENCE_LENGTH})")
+    def _prompt_warnings(self, job: Job) -> None:
+        """A prompt cut to the encoder's limit is said in the job's own warnings (the encoder says it once)."""
+        tokenizer = self.engine.pipe.tokenizer
+        if tokenizer is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cut = tokenize_prompts(tokenizer, list(job.request.prompts)).dropped[0]
+        if cut:
+            job.warnings.append(f"prompt too long: the last {cut} tokens were cut (limit {MAX_SEQUENCE_LENGTH})")
 
-        def on_step(step: int, total: int) -> None:
-            job.step, job.total = step, total
-            job.emit("progress", step=step, total=total)
+    @staticmethod
+    def _progress(job: Job):
+        def on_step(step: int, steps: int) -> None:
+            job.step += 1
+            job.emit("progress", step=job.step, total=job.total)
 
-        tasks = [Task(single, tag=uuid.uuid4().hex) for single in job.request.images()]
-        for task in tasks:
-            task.path = self.files / f"{task.tag}.png"
-        results = self.engine.run(tasks, on_step=on_step, should_stop=job.cancel.is_set)
-        job.report = results[0].report
-        job.files = [r.task.tag for r in results]
+        return on_step
 
     def stop(self) -> tuple[int, int]:
-        """Fail queued jobs with a clear message and ask the running one to stop at its next step, without
+        """Fail queued jobs with a clear message and ask the running ones to stop at their next step, without
         waiting; returns (queued jobs failed, running jobs cancelled). Every waiting client is answered."""
-        self.stopping.set()
-        failed = 0
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            job.status, job.error = "failed", SHUT_DOWN
-            job.emit("error", message=job.error)
-            job.done.set()
-            failed += 1
-        running = [job for job in self.jobs.values() if job.status == "running"]
+        with self.ready:
+            self.stopping.set()
+            queued, self.pending = list(self.pending), collections.deque()
+        for job in queued:
+            job.finish("failed", SHUT_DOWN)
+        running = [job for job in self.jobs.values() if job.status == "running" and not job.done.is_set()]
         for job in running:
             job.cancel.set()
-        return failed, len(running)
+        return len(queued), len(running)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """``stop``, then wait for the worker thread."""
@@ -308,7 +364,7 @@ def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queu
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "queued": worker.queue.qsize(), "model": pipe.model_name, "version": __version__}
+        return {"status": "ok", "queued": worker.queued(), "model": pipe.model_name, "version": __version__}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -427,9 +483,11 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
-          files: str | None = None, notify=print, **options) -> None:  # fmt: skip
+          files: str | None = None, warmup: bool = False, notify=print, **options) -> None:  # fmt: skip
     """Load the model once and serve it until interrupted. Compiled by default on CUDA (a server makes many
-    images: repeated sizes replay the encoder and the denoising steps as CUDA graphs)."""
+    images: repeated sizes replay the encoder and the denoising steps as CUDA graphs). Compilation starts at
+    once on a side thread and requests run eagerly until it is done; ``warmup``: finish it (and one image at the
+    default size) before listening."""
     import tempfile
 
     from lensrun.engine import model_variant, resolve_device
@@ -446,6 +504,11 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
     first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
     engine = Engine.shared(opts, first)
+    engine.compile_ahead(first, wait=warmup, notify=notify)
+    if warmup:
+        start = time.perf_counter()
+        engine.run([Task(single) for single in first])
+        notify(f"warm-up image in {time.perf_counter() - start:.1f} s")
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
     app = create_app(engine, folder, api_key=api_key, max_queue=max_queue, access_log=notify)
     warnings.showwarning = lambda message, *args, **kwargs: notify(f"lensrun: warning: {message}")

@@ -1,0 +1,129 @@
+"""The server's worker under load, on the tiny model: queued jobs of one kind share an engine run and still get
+exactly their own images; a request never waits for a compilation (it runs eagerly meanwhile)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lensrun import LensPipeline, background_compile
+from lensrun.engine import Engine, Task
+from lensrun.request import EngineOptions
+from lensrun.server import Job, Worker
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LensPipeline.tiny_random(device="cpu")
+
+
+def _wait(job: Job, seconds: float = 60) -> None:
+    assert job.done.wait(seconds), f"job {job.id} did not finish: {job.status}"
+    assert job.status == "succeeded", job.error
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_queued_jobs_of_one_kind_share_a_run_and_keep_their_own_images(pipe, tmp_path):
+    engine = Engine(pipe, EngineOptions(model="tiny-random", device="cpu"))
+    runs: list[list[tuple[int, int, int]]] = []
+    original = engine.run
+
+    def recording(tasks, **kwargs):
+        runs.append([(t.request.height, t.request.width, t.request.seed) for t in tasks])
+        return original(tasks, **kwargs)
+
+    engine.run = recording
+    worker = Worker(engine, tmp_path / "files")
+    same = [engine.request(prompt=f"fox {i}", height=32, width=48, steps=2, seed=10 + i, n=1 + i % 2) for i in range(3)]
+    other = engine.request(prompt="a lake", height=48, width=32, steps=2, seed=7)
+    with worker.ready:  # the worker cannot take a job until every job is queued
+        jobs = [Job(same[0], "url"), Job(other, "url"), Job(same[1], "url"), Job(same[2], "url")]
+        for job in jobs:
+            worker.submit(job)
+    for job in jobs:
+        _wait(job)
+    worker.shutdown()
+    # One run for the three jobs of one kind (4 images, FIFO among them; the second job's n=2 takes seeds 11
+    # and 12), then the other job.
+    assert runs == [[(32, 48, 10), (32, 48, 11), (32, 48, 12), (32, 48, 12)], [(48, 32, 7)]]
+    assert [len(job.files) for job in jobs] == [1, 1, 2, 1]
+    assert all(job.step == job.total == 2 * job.request.n for job in jobs)  # progress counted per job
+    engine.run = original
+    for job in jobs:
+        alone = [Task(single, path=tmp_path / "alone" / f"{job.id}-{i}.png") for i, single in enumerate(job.request.images())]
+        engine.run(alone)
+        for task, file_id in zip(alone, job.files, strict=True):
+            assert np.array_equal(_pixels(task.path), _pixels(tmp_path / "files" / f"{file_id}.png"))
+
+
+def test_a_request_is_not_held_behind_a_compilation(pipe, tmp_path, monkeypatch):
+    """While the blocks compile on the side thread, requests of new shapes run eagerly and finish; the next
+    run after the compilation is compiled."""
+    real_compile, release, started = torch.compile, threading.Event(), threading.Event()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    real_warm = background_compile.warm_up
+
+    def slow_warm_up(p):
+        started.set()
+        assert release.wait(60)
+        real_warm(p)
+
+    monkeypatch.setattr(background_compile, "warm_up", slow_warm_up)
+    fresh = LensPipeline.tiny_random(device="cpu")
+    engine = Engine(fresh, EngineOptions(model="tiny-random", device="cpu", compile=True))
+    worker = Worker(engine, tmp_path)
+    engine.compile_ahead([engine.request(prompt="warm-up", height=32, width=32, steps=2)])
+    assert started.wait(30) and engine.compiling is not None
+    first = [Job(engine.request(prompt="p", height=h, width=w, steps=2), "url") for h, w in ((32, 48), (64, 32))]
+    for job in first:
+        worker.submit(job)
+    for job in first:
+        _wait(job)  # done although the compilation has not finished
+    assert not engine.compiling.ready() and not fresh.compiled
+    assert all(job.report["compiled"] is False for job in first)
+    release.set()
+    assert engine.compiling.wait(60) and engine.compiling.error is None
+    later = Job(engine.request(prompt="p", height=48, width=48, steps=2), "url")
+    worker.submit(later)
+    _wait(later)
+    worker.shutdown()
+    assert later.report["compiled"] is True and fresh.compiled
+
+
+def test_a_failed_background_compilation_leaves_the_server_eager(pipe, tmp_path, monkeypatch):
+    def broken(p):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(background_compile, "warm_up", broken)
+    fresh = LensPipeline.tiny_random(device="cpu")
+    engine = Engine(fresh, EngineOptions(model="tiny-random", device="cpu", compile=True))
+    messages: list[str] = []
+    engine.compile_ahead([engine.request(prompt="w", height=32, width=32, steps=2)], wait=True, notify=messages.append)
+    assert "background compilation failed (RuntimeError: inductor exploded); staying eager" in messages
+    results = engine.run([Task(engine.request(prompt="p", height=32, width=32, steps=2))])
+    assert results[0].ok and results[0].report["compiled"] is False and not fresh.compiled
+
+
+def test_png_writes_leave_the_gpu_thread(pipe, tmp_path, monkeypatch):
+    """PNGs are written on the engine's writer thread; run() returns once they are on disk."""
+    import lensrun.metadata as md
+
+    threads, real = [], md.save_png
+
+    def recording(*args, **kwargs):
+        time.sleep(0.05)
+        threads.append(threading.current_thread().name)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(md, "save_png", recording)
+    engine = Engine(pipe, EngineOptions(model="tiny-random", device="cpu"))
+    tasks = [Task(engine.request(prompt="p", height=32, width=32, steps=1, seed=s), path=tmp_path / f"{s}.png") for s in range(3)]
+    results = engine.run(tasks)
+    assert all(r.ok and r.task.path.is_file() for r in results)
+    assert len(threads) == 3 and all(name.startswith("lensrun-writer") for name in threads)
