@@ -64,7 +64,7 @@ def gpu_sample() -> tuple[float, float] | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True, text=True, timeout=5, check=False,
         ).stdout  # fmt: skip
         used, util = out.strip().split(",")
         return float(used) / 1024, float(util)

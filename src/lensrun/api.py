@@ -48,12 +48,21 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
     request = GenerationRequest.build(prompt=prompt, default_variant=model_variant(engine_opts), **request_options)
     out = _output_folder(out)
     singles = request.images()
-    engine = Engine.shared(engine_opts, singles, notify)
     taken: set[Path] = set()
     tasks = []
     for index, single in enumerate(singles):
         p, k = divmod(index, request.n)
         tasks.append(Task(single, _unique(out / f"p{p:03d}_s{k:02d}_{_slug(single.prompts[0])}_{single.seed}.png", taken)))
+    if engine_opts.gpus > 1:
+        from lensrun import parallel
+
+        parallel.check_gpus(engine_opts.gpus, engine_opts.device)
+        if parallel.needs_group(tasks):
+            parallel.launch(engine_opts, tasks, notify, show_progress)
+            return [t.path for t in tasks]
+        if notify is not None:
+            notify("CFG 1 (Turbo): no second branch to split; running on one GPU")
+    engine = Engine.shared(engine_opts, singles, notify)
     results = engine.run(tasks, notify=notify, progress=show_progress)
     return [r.task.path for r in results]
 
@@ -150,9 +159,15 @@ def gallery(file: str | Path, *, out: str | Path, show_progress: bool = False, n
     request_options, engine_options = split_options(options)
     engine_opts = EngineOptions(**engine_options).resolved()
     resolve_device(engine_opts.device)
+    one_gpu_only(engine_opts, "a gallery")
     entries = g.load_gallery(file, {k: v for k, v in request_options.items() if v is not None}, variant=model_variant(engine_opts))
     summary = g.run_gallery(engine_opts, entries, out, show_progress=show_progress, notify=notify)
     return {**summary, "index": str(Path(out) / "index.html")}
+
+
+def one_gpu_only(options: EngineOptions, what: str) -> None:
+    if options.gpus > 1:
+        raise LensrunError(f"--gpus {options.gpus}: {what} runs on one GPU for now; --gpus splits one image's CFG branches (generate)")
 
 
 def _with_options(fn, *names_first: str) -> None:

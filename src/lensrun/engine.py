@@ -14,6 +14,7 @@ single-image tasks the engine
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -531,11 +532,20 @@ class _Run:
         if unique:
             self.say(f"encoding {len(unique)} prompt(s)")
 
-        def work(r: Result) -> None:
-            pos, neg = self.pipe.conditions(r.task.request)
-            self.conditions[id(r)] = (pos[0], neg[0] if neg is not None else None)
+        group = self.pipe.parallel  # CFG-parallel: rank 0 encodes, the others receive the features
 
-        self.each(lambda: self.pipe.encoding_phase(texts), self.results, work)
+        def work(r: Result) -> None:
+            features = None
+            if group is None or group.leader:
+                pos, neg = self.pipe.conditions(r.task.request)
+                features = pos[0] + (neg[0] if neg is not None else [])
+            if group is not None:
+                features = group.share(features)
+            k = len(features) if r.task.request.cfg == 1.0 else len(features) // 2
+            self.conditions[id(r)] = (features[:k], features[k:] if r.task.request.cfg != 1.0 else None)
+
+        encoding = self.pipe.encoding_phase if group is None or group.leader else lambda texts: contextlib.nullcontext()
+        self.each(lambda: encoding(texts), self.results, work)
         self.encode_seconds = (_synced(self.pipe.device) - start) / max(1, len(self.results))
 
     def denoise(self, group: list[Result], step: Callable[[int, int], None]) -> None:
@@ -543,7 +553,7 @@ class _Run:
             req = r.task.request
             start = _synced(self.pipe.device)
             kept = _load_latents(r.task.keep, self.pipe.device, self.pipe.dtype)
-            on_step = lambda i, n: step(r, i, n)  # noqa: E731
+            on_step = lambda i, n: step(r, i, n)
             if kept is not None:  # denoised by an interrupted run; its steps are skipped
                 self.latents[id(r)] = kept
                 for i in range(req.steps):
@@ -563,6 +573,9 @@ class _Run:
 
         def work(r: Result) -> None:
             req = r.task.request
+            if self.pipe.parallel is not None and not self.pipe.parallel.leader:
+                self.latents.pop(id(r))  # rank 0 decodes and writes
+                return
             start = _synced(self.pipe.device)
             image = to_pil(decode_tokens(self.pipe.vae, self.latents.pop(id(r)), req.grid))[0]
             r.report["seconds"]["decode"] = round(_synced(self.pipe.device) - start, 3)
@@ -586,7 +599,7 @@ class _Run:
             if r.task.keep is not None:
                 r.task.keep.unlink(missing_ok=True)
             r.image = image
-        except Exception as err:  # noqa: BLE001 - isolating: this image failed, the run goes on
+        except Exception as err:  # isolating: this image failed, the run goes on
             if not self.isolate:
                 raise
             r.error = f"{type(err).__name__}: {err}"

@@ -91,6 +91,7 @@ class LensPipeline:
         self.graph_steps = False  # denoising steps replayed as CUDA graphs (set with the encoder's graphs)
         self.placer: Placer | None = None
         self._device = transformer.img_in.weight.device
+        self.parallel = None  # a lensrun.parallel.CfgGroup: this process runs one CFG branch of each step
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -409,6 +410,8 @@ class LensPipeline:
         img_shapes = [(1, *req.grid)]
         sigmas, timesteps = self._schedule(req)
         conditioning = self.transformer.conditioning(timesteps)
+        if self.parallel is not None and uncond is not None:
+            return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.graph_steps and not req.cache:
             with acceleration.attention_kernels(self.device):
                 sig = torch.tensor(sigmas, dtype=torch.float32, device=self.device)
@@ -445,6 +448,21 @@ class LensPipeline:
         if stats is not None and req.cache:
             for name in ("skipped", "computed"):
                 stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + sum(getattr(c, name) for c in caches)
+        return latents
+
+    def _denoise_cfg_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
+        """Each rank computes its branch's velocity (rank 0 conditional, rank 1 unconditional) exactly as one GPU
+        would, then one all-gather; every rank takes the same guided Euler step."""
+        mine = cond if self.parallel.leader else uncond
+        img_shapes = [(1, *req.grid)]
+        with acceleration.attention_kernels(self.device):
+            for i in range(req.steps):
+                t = timesteps[i : i + 1]
+                v = self.transformer(latents, mine, None, t, img_shapes, step_conditioning=conditioning.select(i)).sample
+                v_c, v_u = self.parallel.gather(v)[:2]
+                latents = euler_step(latents, guided_velocity(v_c.float(), v_u.float(), req.cfg), sigmas[i], sigmas[i + 1])
+                if on_step is not None:
+                    on_step(i + 1, req.steps)
         return latents
 
     @torch.inference_mode()

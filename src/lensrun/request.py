@@ -346,6 +346,7 @@ class EngineOptions:
     compile: bool | None = option(
         None, "regional torch.compile; default: when the run's images repay the compile time", example=False
     )
+    gpus: int = option(1, "GPUs for each image: 2 runs the two CFG branches on two GPUs (generate)", example=1)
 
     def resolved(self) -> EngineOptions:
         """Validate; fold the field report's spellings (offload, quant_transformer) into placement / quantize."""
@@ -363,6 +364,8 @@ class EngineOptions:
             raise LensrunError("--quant_transformer and --quantize disagree; give one")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise LensrunError(f"compile must be true, false or absent (automatic), got {self.compile!r}")
+        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
+            raise LensrunError(f"gpus must be a whole number of 1 or more, got {self.gpus!r}")
         return dataclasses.replace(self, placement=placement, quantize=quantize or alias, offload=False, quant_transformer=None)
 
 

@@ -490,6 +490,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     default size) before listening."""
     import tempfile
 
+    from lensrun.api import one_gpu_only
     from lensrun.engine import model_variant, resolve_device
     from lensrun.request import EngineOptions
 
@@ -500,6 +501,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     if warning:
         notify(warning)
     opts = EngineOptions(**options).resolved()
+    one_gpu_only(opts, "the server")
     if opts.compile is None and resolve_device(opts.device).type == "cuda":
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
     first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
