@@ -346,7 +346,7 @@ class EngineOptions:
     compile: bool | None = option(
         None, "regional torch.compile; default: when the run's images repay the compile time", example=False
     )
-    gpus: int = option(1, "GPUs for each image: 2 runs the two CFG branches on two GPUs (generate)", example=1)
+    gpus: int = option(1, "GPUs for each image: 2 runs the two CFG branches on two GPUs (generate)", example=2)
 
     def resolved(self) -> EngineOptions:
         """Validate; fold the field report's spellings (offload, quant_transformer) into placement / quantize."""
