@@ -12,13 +12,13 @@ T = TypeVar("T")
 
 
 def capture(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
-    """Run ``fn`` twice on a side stream (compilation, cuBLAS/cuDNN plans and workspaces stay out of the graph),
-    then capture one call drawing on ``pool``; returns the graph and that call's (static) outputs."""
+    """Run ``fn`` once on a side stream (cuBLAS/cuDNN plans and workspaces stay out of the graph; a shape gets
+    its graph on its second sighting, so its code is compiled already), then capture one call drawing on
+    ``pool``; returns the graph and that call's (static) outputs."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
+        fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):

@@ -4,7 +4,7 @@ A compiled forward still pays ~1,000 Python-side launches and subclass unwraps p
 forward at 1024² on an H200, docs/performance.md); a replayed graph pays none. Everything the step reads lives
 in static buffers filled once per image (latents, text features, every step's modulation, sigmas); the step index
 is a device scalar, so a replay needs one tiny fill and no host sync. Which shapes get a graph follows the one
-policy of ``lensrun.cuda_graphs.GraphCache`` (the second sighting; at most four kept).
+policy of ``lensrun.cuda_graphs.GraphCache`` (the second sighting; at most ``MAX_GRAPHS`` kept).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class _Static:
 class StepGraphs:
     """Captured denoising steps of one transformer, keyed by every shape and constant they bake in."""
 
-    MAX_GRAPHS = 4  # text lengths differ per prompt; keep the recent shapes only
+    # A server's mix is a few sizes × the prompt lengths in use (each ~35 MiB of static inputs at 20 steps, the
+    # pool shared): 16 keep a loaded server from evicting and recapturing (H200 2026-11-28, docs/serve.md).
+    MAX_GRAPHS = 16
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
