@@ -56,7 +56,6 @@ class ComponentSizes:
     dit_width: int
     dit_outside_blocks: int  # bf16 bytes of everything but the blocks (embedders, norm_out, proj_out)
     encoder_layers: int
-    encoder_experts_format: str = "mxfp4"  # "nvfp4": ComfyUI's file; no packed-weight kernel, experts decoded
 
     @classmethod
     def from_configs(
@@ -93,7 +92,7 @@ class ComponentSizes:
             dit=dit, encoder_body=body, encoder_embedding=emb, encoder_layer_experts=layer_experts,
             encoder_experts=text_encoder["num_local_experts"], vae=vae_bytes,
             dit_blocks=transformer["num_layers"], dit_width=transformer["inner_dim"], dit_outside_blocks=outside,
-            encoder_layers=text_encoder["num_hidden_layers"], encoder_experts_format=experts,
+            encoder_layers=text_encoder["num_hidden_layers"],
         )  # fmt: skip
 
     @classmethod
@@ -288,7 +287,6 @@ def plan_table(
     """
     sizes = sizes or ComponentSizes.lens()
     fused = fused_experts_default() if fused_experts is None else fused_experts
-    fused = fused and sizes.encoder_experts_format == "mxfp4"  # the packed-weight kernel reads MXFP4 only
     allowed = {k: v for k, v in (allowed or {}).items() if v is not None}
     preds = []
     for plan in candidate_plans(precisions, fused):

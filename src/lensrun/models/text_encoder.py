@@ -30,7 +30,7 @@ class PackedExperts(nn.Module):
         self.alpha = 1.702
         self.limit = config.swiglu_limit
         self.chunk = self.num_experts  # experts decoded at once; the memory planner may lower it
-        self.fused = False  # a Triton kernel that reads the packed weights (MXFP4 on CUDA)
+        self.fused = mxfp4.fused_kernel_available()  # on CUDA: the Triton kernel reads the packed weights
 
     def decoded(self, part: str, experts: slice, dtype: torch.dtype) -> torch.Tensor:
         """Weights [e, out, in] of ``part`` ('gate_up_proj' or 'down_proj') for ``experts``, decoded."""
@@ -38,6 +38,20 @@ class PackedExperts(nn.Module):
 
     def bias(self, part: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def packed(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``part``'s packed codes, block scales and per-expert scale (None for MXFP4) for the Triton kernel."""
+        raise NotImplementedError
+
+    def _experts_fused(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The same SwiGLU-with-clamp through the Triton kernel: no decoded weights, no decode workspace."""
+        from lensrun.mxfp4_moe import grouped_matmul
+
+        def matmul(x: torch.Tensor, part: str) -> torch.Tensor:
+            codes, scales, scale_2 = self.packed(part)
+            return grouped_matmul(x, codes, scales, self.bias(part), offsets, scale_2=scale_2)
+
+        return matmul(self._swiglu(matmul(rows, "gate_up_proj")), "down_proj")
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Route each (token, slot) pair to its expert with grouped matmuls over the experts' sorted rows.
@@ -101,7 +115,6 @@ class Mxfp4Experts(PackedExperts):
         self.down_proj_scales = nn.Parameter(torch.zeros(e, h, i // 32, **u8), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, dtype=dtype), requires_grad=False)
         self.dequantize = mxfp4.dequantize  # replaced by a compiled (fused) version on CUDA
-        self.fused = mxfp4.fused_kernel_available()  # on CUDA: Triton kernel reading the packed weights
 
     def decoded(self, part: str, experts: slice, dtype: torch.dtype) -> torch.Tensor:
         return self.dequantize(getattr(self, f"{part}_blocks")[experts], getattr(self, f"{part}_scales")[experts], dtype)
@@ -109,13 +122,8 @@ class Mxfp4Experts(PackedExperts):
     def bias(self, part: str) -> torch.Tensor:
         return getattr(self, f"{part}_bias")
 
-    def _experts_fused(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The same SwiGLU-with-clamp through the Triton kernel: no decoded weights, no decode workspace."""
-        from lensrun.mxfp4_moe import grouped_matmul
-
-        gu = grouped_matmul(rows, self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias, offsets)
-        act = self._swiglu(gu)
-        return grouped_matmul(act, self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias, offsets)
+    def packed(self, part: str) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return getattr(self, f"{part}_blocks"), getattr(self, f"{part}_scales"), None
 
 
 class Nvfp4Bank(nn.Module):
@@ -132,8 +140,8 @@ class Nvfp4Bank(nn.Module):
 
 
 class Nvfp4Experts(PackedExperts):
-    """Experts as ComfyUI's ``gpt_oss_20b_nvfp4`` file holds them (re-quantized from OpenAI's MXFP4); decoded
-    per expert chunk for the matmul (no packed-weight kernel yet)."""
+    """Experts as ComfyUI's ``gpt_oss_20b_nvfp4`` file holds them (re-quantized from OpenAI's MXFP4): kept packed,
+    read by the Triton kernel on CUDA, decoded per expert chunk elsewhere."""
 
     def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(config)
@@ -149,6 +157,10 @@ class Nvfp4Experts(PackedExperts):
 
     def bias(self, part: str) -> torch.Tensor:
         return getattr(self, part).bias
+
+    def packed(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bank = getattr(self, part)
+        return bank.weight, bank.weight_scale, bank.weight_scale_2
 
 
 class Mxfp4MoE(nn.Module):
@@ -298,8 +310,8 @@ class LensTextEncoder(nn.Module):
 
     def use_fused_experts(self, on: bool) -> None:
         """Triton kernel on the packed weights (default where available) or decode-then-matmul."""
-        if on and not (mxfp4.fused_kernel_available() and self.experts_format == "mxfp4"):
-            raise RuntimeError("the fused kernel needs MXFP4 experts, Triton and a CUDA GPU")
+        if on and not mxfp4.fused_kernel_available():
+            raise RuntimeError("the fused expert kernel needs Triton and a CUDA GPU")
         for layer in self.layers:
             layer.mlp.experts.fused = on
 
