@@ -131,6 +131,7 @@ def plan_report(vram: str | float, compile: bool = True, **options) -> str:
     """The table of ``lensrun plan``: every plan's predicted peak and speed for this budget; no GPU needed.
     ``compile``: plan for a compiled run (CUDA graph pools kept after their phase)."""
     from lensrun import memory
+    from lensrun.engine import model_sizes, single_files
     from lensrun.request import check_placement, normalize_precision
 
     request_options, engine_options = split_options(options)
@@ -140,9 +141,10 @@ def plan_report(vram: str | float, compile: bool = True, **options) -> str:
     budget = memory.parse_budget(vram)
     quantize = engine_opts.quantize
     precisions = (normalize_precision(quantize),) if quantize else memory.PRECISIONS
+    experts = "nvfp4" if single_files(engine_opts)["text_encoder"] else "mxfp4"  # ComfyUI's encoder file
     preds = memory.plan_table(
         budget, req.height, req.width, steps=req.steps, cfg=req.cfg != 1.0, precisions=precisions,
-        allowed={"placement": engine_opts.placement}, graphs=compile,
+        allowed={"placement": engine_opts.placement}, graphs=compile, sizes=model_sizes(engine_opts.model, None, experts),
     )  # fmt: skip
     head = f"Lens {req.variant}, {req.width}x{req.height}, {req.steps} steps, CFG {req.cfg:g}"
     if not any(p.chosen for p in preds):

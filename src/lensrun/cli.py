@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
     plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")
     _options(plan, GenerationRequest, only=("variant", "base_resolution", "aspect_ratio", "height", "width", "steps", "cfg"))
-    _options(plan, EngineOptions, only=("placement", "quantize"))
+    _options(plan, EngineOptions, only=("model", "transformer", "text_encoder", "vae", "placement", "quantize"))
     plan.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                       help="plan for a compiled run (CUDA graph pools kept after their phase)")  # fmt: skip
     return parser
