@@ -69,6 +69,15 @@ def quantize_transformer(transformer: nn.Module, precision: str) -> None:
     quantize_(transformer, _torchao_config(precision), filter_fn=quantizable)
 
 
+def quantize_block(block: nn.Module, index: int, precision: str) -> None:
+    """The same quantization for one DiT block (``transformer_blocks.{index}``), e.g. while a DiT is loading."""
+    if precision == "bf16":
+        return
+    from torchao.quantization import quantize_
+
+    quantize_(block, _torchao_config(precision), filter_fn=lambda m, fqn: quantizable(m, f"transformer_blocks.{index}.{fqn}"))
+
+
 @contextlib.contextmanager
 def attention_kernels(device: torch.device):
     """On CUDA prefer cuDNN attention (fastest for 24×64 heads on Hopper), then flash, then the rest."""

@@ -103,19 +103,22 @@ class LensPipeline:
         device: str | torch.device | None = None,
         name: str | None = None,
         files: dict[str, str | Path] | None = None,
+        precision: str = "bf16",
     ) -> LensPipeline:
         """Load a diffusers-layout folder or Hub repo id (``tiny-random`` builds a tiny random model instead).
 
         Weights are read straight onto ``device`` (no CPU copy first); ``name`` is what images record as the
         model (default: ``model`` as given). ``model`` may also be a ComfyUI models folder, and ``files`` ComfyUI
         single files that replace the folder's ``transformer``, ``text_encoder`` or ``vae``
-        (``lensrun.single_file``)."""
+        (``lensrun.single_file``). ``precision``: the DiT's block linears quantized at load (torchao); a DiT
+        file is quantized block by block as it is read, so it never exists whole in bf16."""
         check_variant(variant)
         if str(model) == TINY_MODEL:
             return cls.tiny_random(dtype=dtype, device=device, variant=variant)
         from lensrun import single_file
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = acceleration.check_precision(precision, device)
         root, files = resolve_sources(model, variant, files)
         parts = {name: root / name for name in ("transformer", "text_encoder", "vae") if name not in files}
         reader = loading.TensorReader(parts, device, skip={"text_encoder": {"lm_head.weight", "model.norm.weight"}})
@@ -142,13 +145,17 @@ class LensPipeline:
             for part, meta in (("transformer", t_meta), ("vae", v_meta)):
                 if part not in files:
                     loading.check_shapes(root / part, meta)
-            t_state = single_file.read_dit(files["transformer"], t_meta, device) if "transformer" in files else None
+            quantized = single_file.check_dit(files["transformer"], t_meta) if "transformer" in files else None
             v_state = single_file.read_vae(files["vae"], v_meta, device) if "vae" in files else None
         except BaseException:
             reader.cancel()
             raise
         with _quiet_diffusers():
-            transformer = _assemble(LensTransformer2DModel, t_config, t_state or reader.take("transformer"), dtype)
+            if "transformer" in files:
+                tensors = single_file.dit_tensors(files["transformer"], t_meta, quantized, device, dtype)
+                transformer = _assemble_by_block(LensTransformer2DModel, t_config, tensors, precision)
+            else:
+                transformer = _assemble(LensTransformer2DModel, t_config, reader.take("transformer"), dtype)
             vae = _assemble(AutoencoderKLFlux2, v_config, v_state or reader.take("vae"), dtype)
             scheduler = (
                 FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
@@ -171,7 +178,9 @@ class LensPipeline:
             prompt_cache=cache,
         )  # fmt: skip
         pipe.weights_id = hashlib.sha256("".join(prints[p] for p in sorted(prints)).encode()).hexdigest()[:16]
-        return pipe.to(device)
+        if "transformer" in files:
+            pipe.precision = precision
+        return pipe.to(device).optimize(precision=precision)
 
     @classmethod
     def tiny_random(
@@ -669,6 +678,33 @@ def _assemble(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.
     if missing:
         raise LensrunError(f"weight '{missing[0]}' is missing from the {cls.__name__} checkpoint")
     model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
+    return model.eval()
+
+
+def _assemble_by_block(cls, config: dict, tensors, precision: str):
+    """Like ``_assemble``, from (name, tensor) pairs in module order; with a torchao ``precision`` each DiT block
+    is quantized as soon as its tensors are in, so the whole DiT never exists in the load dtype."""
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    part: dict[str, torch.Tensor] = {}
+    block = None
+
+    def place() -> None:
+        model.load_state_dict(part, assign=True, strict=False)
+        part.clear()
+        if block is not None:
+            acceleration.quantize_block(model.transformer_blocks[block], block, precision)
+
+    for name, tensor in tensors:
+        index = int(name.split(".")[1]) if name.startswith("transformer_blocks.") else None
+        if part and index != block:
+            place()
+        block = index
+        part[name] = tensor
+    place()
+    missing = [k for k, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise LensrunError(f"weight '{missing[0]}' is missing from the {cls.__name__} checkpoint")
     return model.eval()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,9 +107,9 @@ def _quant_format(raw: torch.Tensor, key: str, path: Path) -> str:
         raise LensrunError(f"{path}: '{key}' is not a readable ComfyUI quantization record: {err}") from None
 
 
-def read_dit(path: Path, expected: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The DiT's tensors under their diffusers names (bf16 kept; MXFP8 dequantized exactly in fp32), checked
-    against the model's ``expected`` names and shapes before any weight is read."""
+def check_dit(path: Path, expected: dict[str, torch.Tensor]) -> set[str]:
+    """Every name and shape of the DiT file against the model's ``expected`` ones (header only, before any weight
+    is read); returns the layers stored quantized (ComfyUI's ``comfy_quant`` records)."""
     path = Path(path)
     keys = header(path)
     if kind(path) != "dit":
@@ -127,7 +128,16 @@ def read_dit(path: Path, expected: dict[str, torch.Tensor], device: torch.device
                 raise LensrunError(f"{path}: quantized weight '{name}' has shape {list(shape)}; the model needs {list(ref.shape)}")
         elif shape != tuple(ref.shape):
             raise LensrunError(f"{path}: weight '{name}' has shape {list(shape)} but the model expects {list(ref.shape)}")
-    out: dict[str, torch.Tensor] = {}
+    return quantized
+
+
+def dit_tensors(
+    path: Path, expected: dict[str, torch.Tensor], quantized: set[str], device: torch.device | str, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The DiT's tensors one by one in ``expected``'s (module) order under their diffusers names, in ``dtype``:
+    MXFP8 weights dequantized exactly one tensor at a time (e4m3 × 2^k is exact in bf16), so no more than one
+    fp32 copy ever exists; a caller may quantize each block as it completes."""
+    path = Path(path)
     with safe_open(path, framework="pt", device=str(device)) as f:
         names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         for name, ref in expected.items():
@@ -138,8 +148,7 @@ def read_dit(path: Path, expected: dict[str, torch.Tensor], device: torch.device
                 if fmt != "mxfp8":
                     raise LensrunError(f"{path}: '{prefix}' is quantized as '{fmt}'; lensrun reads mxfp8 DiT weights")
                 tensor = dequantize_mxfp8(tensor, f.get_tensor(names[prefix + ".weight_scale"]), tuple(ref.shape))
-            out[name] = tensor
-    return out
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 # -------------------------------------------------------------------------------------------------------- VAE
