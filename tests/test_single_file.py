@@ -396,3 +396,161 @@ def test_a_comfyui_models_folder_is_a_model(comfy_folder, tmp_path, capsys):
     assert main(argv) == 2
     assert "several candidates (lens_turbo_bf16.safetensors, lens_turbo_copy.safetensors)" in capsys.readouterr().err
     Engine._shared.clear()
+
+
+# ------------------------------------------------------------------------------ full size, header-only (sparse)
+SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64"}
+DTYPE_BYTES = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1, "I64": 8}
+
+
+def _sparse_safetensors(path, spec: dict) -> None:
+    """A safetensors file with ``spec``'s names, dtypes and shapes whose data is a hole (zeros, no disk used)."""
+    import struct
+
+    head, offset = {}, 0
+    for name, (dtype, shape) in spec.items():
+        size = int(np.prod(shape)) * DTYPE_BYTES[dtype]
+        head[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(head).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
+def _up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _full_dit_spec(rename: str | None = None) -> dict:
+    """ComfyUI's lens_mxfp8 at full size: block linears e4m3 (padded to 32), swizzled E8M0 scales, records."""
+    from lensrun.configs import FULL_TRANSFORMER_CONFIG, transformer_meta_state
+
+    spec, p = {}, "model.diffusion_model."
+    for name, t in transformer_meta_state({k: v for k, v in FULL_TRANSFORMER_CONFIG.items() if not k.startswith("_")}).items():
+        layer = name.rsplit(".", 1)[0]
+        if name.startswith("transformer_blocks.") and name.endswith(".weight") and t.dim() == 2 and "_mod" not in name:
+            rows, cols = _up(t.shape[0], 32), _up(t.shape[1], 32)
+            spec[p + name] = ("F8_E4M3", (rows, cols))
+            spec[p + layer + ".weight_scale"] = ("U8", (_up(rows, 128), _up(cols // 32, 4)))
+            spec[p + layer + ".comfy_quant"] = ("U8", (19,))
+        else:
+            spec[p + name] = ("BF16", tuple(t.shape))
+    if rename:  # one key renamed, as a damaged or foreign file would have it
+        spec[p + rename] = spec.pop(p + "transformer_blocks.7.attn.norm_added_q.weight")
+    return spec
+
+
+def _full_encoder_spec(scale_rows: int | None = None) -> dict:
+    """ComfyUI's gpt_oss_20b_nvfp4 at full size: the NVFP4 module's names, scales in the block layout."""
+    from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
+    from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+    from lensrun.nvfp4 import scale_shape
+
+    cfg = gpt_oss_config(FULL_TEXT_ENCODER_CONFIG)
+    spec = {"tokenizer_json": ("U8", (1024,))}
+    for name, t in LensTextEncoder._build_meta(cfg, (23,), experts="nvfp4").state_dict().items():
+        shape = tuple(t.shape)
+        if name.endswith(".weight_scale"):
+            shape = (shape[0], *scale_shape(shape[1], shape[2] * 16))
+            if scale_rows is not None and "layers.3.mlp.experts.down_proj" in name:
+                shape = (shape[0], scale_rows, shape[2])
+            spec[name.rsplit(".", 1)[0] + ".comfy_quant"] = ("U8", (19,))
+        wide = t.dtype in (torch.bfloat16, torch.float32) and not name.endswith("weight_scale_2")
+        spec[name] = ("BF16" if wide else SAFETENSORS_DTYPE[t.dtype], shape)
+    return spec
+
+
+def _full_vae_spec() -> dict:
+    from lensrun.configs import FULL_VAE_CONFIG, vae_meta_state
+
+    state = vae_meta_state(FULL_VAE_CONFIG)
+    up = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
+    spec = {}
+    for name, t in state.items():
+        if name == "bn.num_batches_tracked":
+            continue
+        shape = (*t.shape, 1, 1) if ".attentions.0.to_" in name and name.endswith("weight") else tuple(t.shape)
+        spec[_bfl(name, up)] = ("F32", shape)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def full_size_files(tmp_path_factory):
+    """ComfyUI's models folder at full size (sparse: ~0 bytes on disk), as COMFY_FORMATS.md lays it out."""
+    root = tmp_path_factory.mktemp("ComfyUI") / "models"
+    for folder, name, spec in (
+        ("diffusion_models", "lens_mxfp8.safetensors", _full_dit_spec()),
+        ("text_encoders", "gpt_oss_20b_nvfp4.safetensors", _full_encoder_spec()),
+        ("vae", "flux2-vae.safetensors", _full_vae_spec()),
+    ):
+        (root / folder).mkdir(parents=True)
+        _sparse_safetensors(root / folder / name, spec)
+    return root
+
+
+def test_full_size_files_are_recognised_and_checked_from_their_headers(full_size_files):
+    from lensrun.configs import (
+        FULL_TEXT_ENCODER_CONFIG,
+        FULL_TRANSFORMER_CONFIG,
+        FULL_VAE_CONFIG,
+        transformer_meta_state,
+        vae_meta_state,
+    )
+    from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+
+    dit = full_size_files / "diffusion_models" / "lens_mxfp8.safetensors"
+    te = full_size_files / "text_encoders" / "gpt_oss_20b_nvfp4.safetensors"
+    vae = full_size_files / "vae" / "flux2-vae.safetensors"
+    assert dit.stat().st_size > 5 * 2**30 and te.stat().st_size > 12 * 2**30  # full size, but holes on disk
+    assert [single_file.kind(p) for p in (dit, te, vae)] == ["dit", "text_encoder", "vae"]
+    meta = transformer_meta_state({k: v for k, v in FULL_TRANSFORMER_CONFIG.items() if not k.startswith("_")})
+    assert len(single_file.check_dit(dit, meta)) == 48 * 10  # every block linear but the modulation, in MXFP8
+    encoder = LensTextEncoder._build_meta(gpt_oss_config(FULL_TEXT_ENCODER_CONFIG), (5, 11, 17, 23), experts="nvfp4")
+    single_file.check_text_encoder(te, encoder.state_dict())
+    vae_state = single_file.read_vae(vae, vae_meta_state(FULL_VAE_CONFIG))  # 336 MB: read whole, names mapped
+    assert vae_state["decoder.mid_block.attentions.0.to_q.weight"].shape == (512, 512)
+    parts = single_file.comfy_parts(full_size_files, None, {"transformer": None, "text_encoder": None, "vae": None})
+    assert parts == {"transformer": dit, "text_encoder": te, "vae": vae}
+
+
+def test_lensrun_plan_reads_a_full_size_comfyui_folder(full_size_files, capsys):
+    assert main(["plan", "--vram", "24GB", "--model", str(full_size_files)]) == 0
+    with_files = capsys.readouterr().out
+    assert main(["plan", "--vram", "24GB"]) == 0
+    folder = capsys.readouterr().out
+    peak = lambda out: float(out.split("=>")[1].split()[1])
+    assert peak(with_files) > peak(folder)  # NVFP4 experts: 12.30 GiB against MXFP4's 11.7
+
+
+@pytest.mark.parametrize(
+    ("folder", "name", "spec", "message"),
+    [
+        ("diffusion_models", "lens_mxfp8.safetensors", lambda: _full_dit_spec(rename="transformer_blocks.7.attn.norm_added_k2.weight"),
+         "weight 'transformer_blocks.7.attn.norm_added_q.weight' is missing"),
+        ("text_encoders", "gpt_oss_20b_nvfp4.safetensors", lambda: _full_encoder_spec(scale_rows=128),
+         "layers.3.mlp.experts.down_proj.weight_scale' has shape"),
+    ],
+)  # fmt: skip
+def test_full_size_damage_is_named_before_any_weight_is_read(tmp_path, folder, name, spec, message):
+    from lensrun.configs import FULL_TEXT_ENCODER_CONFIG, FULL_TRANSFORMER_CONFIG, transformer_meta_state
+    from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+
+    path = tmp_path / name
+    _sparse_safetensors(path, spec())
+    with pytest.raises(single_file.LensrunError, match=re.escape(message)):
+        if folder == "diffusion_models":
+            single_file.check_dit(path, transformer_meta_state({k: v for k, v in FULL_TRANSFORMER_CONFIG.items() if not k.startswith("_")}))
+        else:
+            encoder = LensTextEncoder._build_meta(gpt_oss_config(FULL_TEXT_ENCODER_CONFIG), (23,), experts="nvfp4")
+            single_file.check_text_encoder(path, encoder.state_dict())
+
+
+def test_a_truncated_full_size_file_is_refused(tmp_path):
+    path = tmp_path / "lens_mxfp8.safetensors"
+    _sparse_safetensors(path, _full_dit_spec())
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    with pytest.raises(single_file.LensrunError, match="truncated or corrupt"):
+        single_file.kind(path)

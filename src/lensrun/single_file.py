@@ -212,6 +212,20 @@ def read_text_encoder(path: Path, expected: dict[str, torch.Tensor], device: tor
     """The encoder's tensors under its module names (the file has no ``model.`` prefix; NVFP4 experts as stored),
     names, shapes and dtypes checked first; ``lm_head``, the final norm and the tokenizer are not tensors read."""
     path = Path(path)
+    check_text_encoder(path, expected)
+    out = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+        for name, ref in expected.items():
+            t = f.get_tensor(names[name])
+            if name.endswith(".weight_scale"):  # once, at load: decoding then reads plain [E, out, in/16] scales
+                t = unswizzle(t.view(torch.uint8), ref.shape[1], ref.shape[2]).view(torch.float8_e4m3fn)
+            out[name] = t
+    return out
+
+
+def check_text_encoder(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Names, shapes (block scales in their stored block layout) and dtypes of the encoder file, header only."""
     keys = header(path)
     if kind(path) != "text_encoder":
         raise LensrunError(f"{path}: that file holds another component, not the text encoder")
@@ -228,15 +242,6 @@ def read_text_encoder(path: Path, expected: dict[str, torch.Tensor], device: tor
         packed = ref.dtype in (torch.uint8, torch.float8_e4m3fn)
         if packed and keys[name][0] not in ("U8", "F8_E4M3"):
             raise LensrunError(f"{path}: weight '{name}' is {keys[name][0]}; NVFP4 experts are U8 codes and F8_E4M3 scales")
-    out = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        names = {strip(k): k for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
-        for name, ref in expected.items():
-            t = f.get_tensor(names[name])
-            if name.endswith(".weight_scale"):  # once, at load: decoding then reads plain [E, out, in/16] scales
-                t = unswizzle(t.view(torch.uint8), ref.shape[1], ref.shape[2]).view(torch.float8_e4m3fn)
-            out[name] = t
-    return out
 
 
 def read_tokenizer(path: Path):
