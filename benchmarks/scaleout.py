@@ -1,5 +1,5 @@
-"""One image on two GPUs (CFG-parallel) against one GPU, in one run: denoise time per image and whether the
-pixels are the single-GPU pixels.
+"""One image on two GPUs against one GPU, in one run: denoise time per image and how close the pixels are to
+the single-GPU pixels. Lens (CFG 5) runs CFG-parallel, Turbo (CFG 1) sequence-parallel (Ulysses).
 
 Each case is a fresh `lensrun generate` process (compiled, 3 images of one prompt: the last one's denoise time
 counts, after compilation and any CUDA-graph capture), first with `--gpus 1`, then `--gpus 2`; the PNGs' run
@@ -23,6 +23,8 @@ from PIL import Image
 CASES = {
     "1024² Lens": ["--height", "1024", "--width", "1024"],
     "1440² 16:9 Lens": ["--base-resolution", "1440", "--aspect-ratio", "16:9"],
+    "1024² Turbo": ["--height", "1024", "--width", "1024", "--variant", "turbo"],  # CFG 1: sequence-parallel
+    "1440² 16:9 Turbo": ["--base-resolution", "1440", "--aspect-ratio", "16:9", "--variant", "turbo"],
 }
 
 

@@ -57,11 +57,8 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
         from lensrun import parallel
 
         parallel.check_gpus(engine_opts.gpus, engine_opts.device)
-        if parallel.needs_group(tasks):
-            parallel.launch(engine_opts, tasks, notify, show_progress)
-            return [t.path for t in tasks]
-        if notify is not None:
-            notify("CFG 1 (Turbo): no second branch to split; running on one GPU")
+        parallel.launch(engine_opts, tasks, notify, show_progress)
+        return [t.path for t in tasks]
     engine = Engine.shared(engine_opts, singles, notify)
     results = engine.run(tasks, notify=notify, progress=show_progress)
     return [r.task.path for r in results]

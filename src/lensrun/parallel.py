@@ -1,10 +1,17 @@
-"""One image on two GPUs: CFG-parallel denoising over torch.distributed.
+"""One image on several GPUs over torch.distributed: CFG-parallel or sequence-parallel denoising.
 
-Lens guides every step with a conditional and an unconditional velocity (CFG 5): the two branches are the same
-transformer on the same latents with different text, so rank 0 runs the conditional one and rank 1 the
-unconditional one, and one all-gather of the two velocities per step lets both ranks take the same Euler step.
-Rank 0 encodes the prompts and broadcasts the features (the encoder runs once); rank 0 decodes and writes the
-PNGs. Each branch is computed exactly as on one GPU, so the image is the single-GPU image.
+* CFG-parallel (2 GPUs, guided images): Lens guides every step with a conditional and an unconditional velocity
+  (CFG 5), the same transformer on the same latents with different text; rank 0 runs the conditional branch,
+  rank 1 the unconditional one, and one all-gather of the two velocities per step lets both take the same Euler
+  step. Each branch is computed exactly as on one GPU, so the image is the single-GPU image.
+* Sequence-parallel (Ulysses; any GPU count dividing the 24 heads — Turbo on 2 GPUs, or more than 2): each rank
+  holds a slice of the image tokens through the whole denoise (the text, short, whole on every rank); in each
+  block's joint attention all-to-alls trade token slices for head slices and back
+  (``LensJointAttention._sequence_parallel``); the latents are gathered once at the end. GEMMs over fewer rows
+  may round differently: PSNR against the single-GPU image is reported, not bit equality.
+
+Either way rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
+and writes the PNGs.
 
 ``launch`` spawns one worker process per GPU (``torch.multiprocessing``, NCCL on CUDA, gloo on the CPU for
 tests); each worker loads an ``Engine`` on its own device and drives ``Engine.run`` like every other surface.
@@ -27,12 +34,14 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 @dataclass
-class CfgGroup:
-    """This process's place in a CFG-parallel group of two: rank 0 conditional, rank 1 unconditional."""
+class Group:
+    """This process's place in the group: ``mode`` 'cfg' (rank 0 conditional, rank 1 unconditional) or
+    'sequence' (rank r holds the r-th slice of the image tokens)."""
 
     rank: int
     world: int
     device: torch.device
+    mode: str = "cfg"
 
     @property
     def leader(self) -> bool:
@@ -64,15 +73,62 @@ class CfgGroup:
     def _object_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
 
+    # ------------------------------------------------------------------------------ sequence parallelism
+    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's slice [B, N/P, C] of image tokens [B, N, C]."""
+        return tokens.chunk(self.world, dim=1)[self.rank].contiguous()
+
+    def unshard(self, local: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.gather(local), dim=1)
+
+    def local_rows(self, table: torch.Tensor, image_tokens: int) -> torch.Tensor:
+        """This rank's image rows of a per-position table [N + S, …], then every text row."""
+        n = image_tokens // self.world
+        return torch.cat([table[self.rank * n : (self.rank + 1) * n], table[image_tokens:]])
+
+    @torch.compiler.disable
+    def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, D] (this rank's tokens, every head) → [B, H/P, P·n, D] (every token, this rank's heads)."""
+        b, h, n, d = x.shape
+        send = x.reshape(b, self.world, h // self.world, n, d).transpose(0, 1).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.permute(1, 2, 0, 3, 4).reshape(b, h // self.world, self.world * n, d)
+
+    @torch.compiler.disable
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: [B, H/P, P·n, D] → [B, H, n, D]."""
+        b, hp, tokens, d = x.shape
+        n = tokens // self.world
+        send = x.reshape(b, hp, self.world, n, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.transpose(0, 1).reshape(b, self.world * hp, n, d)
+
+    def my_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] → this rank's heads [B, H/P, S, D]."""
+        return x.chunk(self.world, dim=1)[self.rank]
+
+    @torch.compiler.disable
+    def all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H/P, S, D] from every rank → [B, H, S, D]."""
+        if x.shape[2] == 0:  # the empty negative prompt: nothing to exchange
+            return x.new_empty(x.shape[0], x.shape[1] * self.world, 0, x.shape[3])
+        return torch.cat(self.gather(x), dim=1)
+
+
+HEADS = 24  # Lens's attention heads: a sequence-parallel group splits them evenly
+
 
 def check_gpus(gpus: int, device: str | None) -> None:
-    """A clear error before any work: the count is even and this machine has that many GPUs."""
+    """A clear error before any work: the count divides the heads and this machine has that many GPUs."""
     if gpus < 1:
         raise LensrunError(f"gpus must be 1 or more, got {gpus}")
     if gpus == 1:
         return
-    if gpus != 2:
-        raise LensrunError(f"--gpus {gpus}: CFG-parallel runs one image on 2 GPUs; more needs sequence parallelism, not built yet")
+    if HEADS % gpus:
+        allowed = ", ".join(str(g) for g in range(2, HEADS + 1) if HEADS % g == 0)
+        raise LensrunError(f"--gpus {gpus}: the {HEADS} attention heads must split evenly; use one of {allowed}")
     if device not in (None, "cuda", "cpu"):
         raise LensrunError(f"--gpus {gpus} places its workers on cuda:0…cuda:{gpus - 1}; leave --device out (or cpu for a test)")
     if device != "cpu":
@@ -81,33 +137,44 @@ def check_gpus(gpus: int, device: str | None) -> None:
             raise LensrunError(f"--gpus {gpus} asked for, but this machine has {found} CUDA GPU(s)")
 
 
-def needs_group(tasks) -> bool:
-    """Whether any task has two branches to split (Turbo, CFG 1, has one: it runs on one GPU)."""
-    return any(t.request.cfg != 1.0 for t in tasks)
+def mode_for(tasks, gpus: int) -> str:
+    """'cfg' for two GPUs and guided images (exact, one exchange per step), else 'sequence'. Sequence
+    parallelism needs every image's token count to split evenly; a clear error otherwise."""
+    if gpus == 2 and all(t.request.cfg != 1.0 for t in tasks):
+        return "cfg"
+    for t in tasks:
+        h, w = t.request.grid
+        if (h * w) % gpus:
+            raise LensrunError(f"{t.request.width}x{t.request.height} has {h * w} latent tokens, which do not split over {gpus} GPUs")
+    return "sequence"
 
 
-def launch(options, tasks: list, notify=None, progress: bool = False) -> None:
+def launch(options, tasks: list, notify=None, progress: bool = False, mode: str | None = None) -> None:
     """Run ``tasks`` (their PNG paths set) on ``options.gpus`` worker processes; returns when every PNG is written.
-    A worker's error ends the run with that error."""
+    ``mode``: 'cfg' or 'sequence' (default: ``mode_for``). A worker's error ends the run with that error."""
     import torch.multiprocessing as mp
 
     world = options.gpus
+    chosen = mode_for(tasks, world)
+    mode = mode or chosen
     backend = "gloo" if options.device == "cpu" else "nccl"
     os.environ.update(NO_MULTICAST)  # spawned workers inherit it
     port = _free_port()
     errors = mp.get_context("spawn").SimpleQueue()
     try:
         mp.start_processes(
-            _worker, args=(world, backend, port, options, tasks, notify, progress, errors), nprocs=world,
+            _worker, args=(world, mode, backend, port, options, tasks, notify, progress, errors), nprocs=world,
             start_method="spawn", join=True,
         )  # fmt: skip
     except mp.ProcessRaisedException:
         pass  # the worker put its error on the queue first
+    except mp.ProcessExitedException as err:  # killed, or died before it could say why
+        raise LensrunError(f"a GPU worker process ended without finishing: {err}") from None
     if not errors.empty():
         raise LensrunError(errors.get())
 
 
-def _worker(rank: int, world: int, backend: str, port: int, options, tasks, notify, progress, errors) -> None:
+def _worker(rank: int, world: int, mode: str, backend: str, port: int, options, tasks, notify, progress, errors) -> None:
     from lensrun.engine import Engine
 
     os.environ.update(NO_MULTICAST, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -116,15 +183,17 @@ def _worker(rank: int, world: int, backend: str, port: int, options, tasks, noti
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     try:
-        group = CfgGroup(rank, world, device)
+        group = Group(rank, world, device, mode)
         local = dataclasses.replace(options, device=str(device), gpus=1)
         say = notify if group.leader else None
         engine = Engine.load(local, [t.request for t in tasks], say)
         engine.pipe.parallel = group
+        if mode == "sequence":
+            engine.pipe.transformer.split_sequence(group)
         plans, why = engine.plans([t.request for t in tasks])
         plans = group.share_object(plans)  # one plan for both: the same precision, so the same arithmetic
         if say is not None:
-            say(f"CFG-parallel on {world} devices; {why}")
+            say(f"{'CFG' if mode == 'cfg' else 'sequence'}-parallel on {world} devices; {why}")
         mine = tasks if group.leader else [dataclasses.replace(t, path=None, keep=None) for t in tasks]
         engine.run(mine, plans=plans, notify=say, progress=progress and group.leader)
     except Exception as err:

@@ -91,7 +91,7 @@ class LensPipeline:
         self.graph_steps = False  # denoising steps replayed as CUDA graphs (set with the encoder's graphs)
         self.placer: Placer | None = None
         self._device = transformer.img_in.weight.device
-        self.parallel = None  # a lensrun.parallel.CfgGroup: this process runs one CFG branch of each step
+        self.parallel = None  # a lensrun.parallel.Group: this process runs one CFG branch, or one token slice
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -419,6 +419,8 @@ class LensPipeline:
         img_shapes = [(1, *req.grid)]
         sigmas, timesteps = self._schedule(req)
         conditioning = self.transformer.conditioning(timesteps)
+        if self.parallel is not None and self.parallel.mode == "sequence":
+            return self._denoise_sequence_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.parallel is not None and uncond is not None:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.graph_steps and not req.cache:
@@ -473,6 +475,26 @@ class LensPipeline:
                 if on_step is not None:
                     on_step(i + 1, req.steps)
         return latents
+
+    def _denoise_sequence_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
+        """This rank's slice of the image tokens through every step (both CFG branches block by block, as on
+        one GPU); the slices are gathered once, at the end."""
+        group = self.parallel
+        local = group.shard(latents)
+        img_shapes = [(1, *req.grid)]
+        with acceleration.attention_kernels(self.device):
+            for i in range(req.steps):
+                t = timesteps[i : i + 1]
+                step_cond = conditioning.select(i)
+                if uncond is not None:
+                    v, v_u = self.transformer.forward_branches(local, [cond, uncond], t, img_shapes, step_cond)
+                    v = guided_velocity(v.float(), v_u.float(), req.cfg)
+                else:
+                    v = self.transformer(local, cond, None, t, img_shapes, step_conditioning=step_cond).sample
+                local = euler_step(local, v, sigmas[i], sigmas[i + 1])
+                if on_step is not None:
+                    on_step(i + 1, req.steps)
+        return group.unshard(local)
 
     @torch.inference_mode()
     def denoise_reference(

@@ -93,6 +93,8 @@ class LensJointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
         self.to_add_out = nn.Linear(heads * head_dim, dim)
+        # lensrun.parallel.SequenceGroup while this rank holds a slice of the image tokens (Ulysses); not a module
+        self.sequence = None
 
     def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = x.shape
@@ -114,9 +116,23 @@ class LensJointAttention(nn.Module):
         k = torch.cat([self.norm_k(k_i), self.norm_added_k(k_t)], dim=2)
         v = torch.cat([v_i, v_t], dim=2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.sequence is not None:
+            return self._sequence_parallel(q, k, v, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+
+    def _sequence_parallel(self, q, k, v, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ulysses: this rank's ``n`` image tokens of every head become every image token of its share of the
+        heads (one all-to-all each for q, k, v), the text (held whole by every rank) keeps those heads; attention
+        runs over the whole sequence, and one all-to-all and one all-gather bring the outputs back."""
+        sp = self.sequence
+        q, k, v = (torch.cat([sp.scatter_heads(t[:, :, :n]), sp.my_heads(t[:, :, n:])], dim=2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        image = n * sp.world
+        out_x = sp.gather_heads(out[:, :, :image]).transpose(1, 2).flatten(2)
+        out_c = sp.all_heads(out[:, :, image:]).transpose(1, 2).flatten(2)
+        return self.to_out[0](out_x), self.to_add_out(out_c)
 
 
 class LensTransformerBlock(nn.Module):
@@ -283,6 +299,14 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._compiled_blocks = False
+        self.sequence = None  # a lensrun.parallel.SequenceGroup: the latents given are this rank's slice
+
+    def split_sequence(self, group) -> None:
+        """Hold a slice of the image tokens on this rank (``group``), or the whole sequence again (None)."""
+        self.sequence = group
+        self._rope_cache.clear()
+        for block in self.transformer_blocks:
+            block.attn.sequence = group
 
     def conditioning(self, timestep: torch.Tensor) -> StepConditioning:
         """Timestep embedding and every block's modulation for sigmas ``timestep`` [B]."""
@@ -293,12 +317,16 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         return StepConditioning(temb, mods)
 
     def rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables, cached per (grid, text length, device): they never change between steps."""
+        """RoPE tables, cached per (grid, text length, device): they never change between steps. Under sequence
+        parallelism: this rank's image rows, then every text row."""
         key = (grid, text_len, str(device))
         if key not in self._rope_cache:
             if len(self._rope_cache) > 16:
                 self._rope_cache.clear()
-            self._rope_cache[key] = lens_rope(grid, text_len, tuple(self.config.axes_dims_rope), device=device)
+            tables = lens_rope(grid, text_len, tuple(self.config.axes_dims_rope), device=device)
+            if self.sequence is not None:
+                tables = tuple(self.sequence.local_rows(t, grid[0] * grid[1]) for t in tables)
+            self._rope_cache[key] = tables
         return self._rope_cache[key]
 
     def compile_blocks(self, open: bool = True, **options) -> CompiledGate:
@@ -374,7 +402,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         shape = img_shapes[0] if isinstance(img_shapes[0], (list, tuple)) else img_shapes
         _, gh, gw = (int(v) for v in shape)
         n = hidden_states.shape[1]
-        if gh * gw != n:
+        if gh * gw != n * (self.sequence.world if self.sequence is not None else 1):
             raise ValueError(f"img_shapes {gh}x{gw} does not match {n} latent tokens")
         dtype = self.img_in.weight.dtype
         x = self.img_in(hidden_states.to(dtype))
