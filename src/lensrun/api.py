@@ -91,13 +91,14 @@ def replay(
     if config.get("seed") is None:
         raise LensrunError(f"{image} was made from an explicit generator or latents; its noise cannot be replayed")
     request = config_options(config)
+    say = notify or (lambda message: None)
+    attention = _replay_attention(config.get("attention", "sdpa"), device, say)
     paths = generate(
         request.pop("prompt"), out=out or Path(image).parent / "replay", model=model or config["model"],
         dtype=config["dtype"], device=device, quantize=config.get("quantize", "bf16"), show_progress=show_progress,
         notify=notify, transformer=config.get("transformer"), text_encoder=config.get("text_encoder"),
-        vae=config.get("vae"), **request,
+        vae=config.get("vae"), attention=attention, **request,
     )  # fmt: skip
-    say = notify or (lambda message: None)
     made_with, replayed_with = config.get("weights"), read_config(paths[0]).get("weights")
     if made_with is not None and made_with != replayed_with:
         say(f"warning: the image was made with other weights (fingerprint {made_with}, now {replayed_with}): "
@@ -105,6 +106,18 @@ def replay(
     if check:
         say(compare_images(source, paths[0]))
     return paths[0]
+
+
+def _replay_attention(recorded: str, device: str | None, say) -> str:
+    """The attention backend the image was made with, or SDPA (said) where that one cannot run."""
+    from lensrun import attention
+    from lensrun.engine import resolve_device
+
+    if attention.installed(recorded) and attention.supported(recorded, resolve_device(device)):
+        return recorded
+    say(f"warning: the image was made with the {recorded} attention kernel, which cannot run here; using sdpa "
+        "(pixels may differ slightly)")  # fmt: skip
+    return "sdpa"
 
 
 def compare_images(a: Path, b: Path) -> str:

@@ -221,6 +221,7 @@ class Engine:
         return {
             **request.record(), "model": pipe.model_name, "dtype": str(pipe.dtype).removeprefix("torch."),
             "quantize": plan.precision, "vae_tiling": plan.vae_tiling, "weights": pipe.weights_id,
+            "attention": pipe.transformer.attention_backend,
             "lensrun_version": __version__,
             **self.files,
         }  # fmt: skip
@@ -356,6 +357,18 @@ class Engine:
             else:  # before placement: a stream plan wraps the blocks it streams
                 pipe.optimize(compile=True, precision=pipe.precision)
         pipe.apply_plan(plan, self.device)
+        self._attention(plan, say)
+
+    def _attention(self, plan: memory.Plan, say) -> None:
+        """The attention backend for this plan's precision (``lensrun.attention.resolve``), said when it changes."""
+        from lensrun import attention
+
+        backend, why = attention.resolve(self.options.attention, plan.precision, self.device)
+        if backend != self.pipe.transformer.attention_backend:
+            self.pipe.transformer.set_attention_backend(backend)
+            self.pipe.step_graphs.reset()  # captured steps hold the old kernels
+            if say is not None:
+                say(why)
 
     def _switch_when_compiled(self, say) -> None:
         """Between runs: a finished background compilation takes over (a failed one is said, runs stay eager)."""

@@ -347,6 +347,10 @@ class EngineOptions:
         None, "regional torch.compile; default: when the run's images repay the compile time", example=False
     )
     gpus: int = option(1, "GPUs for each image: 2 runs the two CFG branches on two GPUs (generate)", example=2)
+    attention: str = option(
+        "auto", "attention kernel; auto: the fastest installed one that passes a numeric check on this GPU",
+        choices=("auto", "sdpa", "fa3", "fa3-fp8"), example="sdpa",
+    )  # fmt: skip
 
     def resolved(self) -> EngineOptions:
         """Validate; fold the field report's spellings (offload, quant_transformer) into placement / quantize."""

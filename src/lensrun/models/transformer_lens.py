@@ -24,6 +24,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from torch import nn
 
+from lensrun.attention import attend
+
 ROPE_THETA = 10000.0
 
 
@@ -93,8 +95,9 @@ class LensJointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
         self.to_add_out = nn.Linear(heads * head_dim, dim)
-        # lensrun.parallel.SequenceGroup while this rank holds a slice of the image tokens (Ulysses); not a module
+        # lensrun.parallel.Group while this rank holds a slice of the image tokens (Ulysses); not a module
         self.sequence = None
+        self.backend = "sdpa"  # lensrun.attention backend name
 
     def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = x.shape
@@ -118,8 +121,7 @@ class LensJointAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.sequence is not None:
             return self._sequence_parallel(q, k, v, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2)
+        out = attend(q, k, v, mask, self.backend).transpose(1, 2).flatten(2)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
     def _sequence_parallel(self, q, k, v, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +130,7 @@ class LensJointAttention(nn.Module):
         runs over the whole sequence, and one all-to-all and one all-gather bring the outputs back."""
         sp = self.sequence
         q, k, v = (torch.cat([sp.scatter_heads(t[:, :, :n]), sp.my_heads(t[:, :, n:])], dim=2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v, None, self.backend)
         image = n * sp.world
         out_x = sp.gather_heads(out[:, :, :image]).transpose(1, 2).flatten(2)
         out_c = sp.all_heads(out[:, :, image:]).transpose(1, 2).flatten(2)
@@ -300,6 +302,16 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._compiled_blocks = False
         self.sequence = None  # a lensrun.parallel.SequenceGroup: the latents given are this rank's slice
+
+    def set_attention_backend(self, name: str) -> None:
+        """Every block's joint attention through ``name`` (a ``lensrun.attention`` backend; diffusers' name for
+        the same call)."""
+        for block in self.transformer_blocks:
+            block.attn.backend = name
+
+    @property
+    def attention_backend(self) -> str:
+        return self.transformer_blocks[0].attn.backend
 
     def split_sequence(self, group) -> None:
         """Hold a slice of the image tokens on this rank (``group``), or the whole sequence again (None)."""

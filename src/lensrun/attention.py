@@ -1,0 +1,132 @@
+"""Attention backends for the DiT's joint attention, chosen by name like diffusers' attention dispatcher.
+
+* ``sdpa``: torch's scaled_dot_product_attention, cuDNN first on CUDA (``acceleration.attention_kernels``);
+  always available, and the reference the others are checked against.
+* ``fa3``: FlashAttention-3's Hopper forward kernel in bf16 (the ``fa3-fwd`` wheel: ``pip install
+  lensrun[hopper]``), sm_90 only.
+* ``fa3-fp8``: the same kernel on e4m3 inputs with one scale per (batch, head) computed from the real q/k/v
+  (amax / 448, no unit scales): the fp8 mode's attention.
+
+``auto`` takes the fastest backend that is installed, runs on this GPU and passes a numeric check against SDPA
+at the Lens shape on first use (the verdict is cached per GPU, torch and kernel version): ``fa3`` for bf16
+runs, ``fa3-fp8`` for ``--quantize fp8`` runs, else ``sdpa``. Layouts: lensrun's tensors are [B, H, L, D];
+FlashAttention's are [B, L, H, D].
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+
+import torch
+import torch.nn.functional as F
+
+from lensrun.errors import LensrunError
+
+BACKENDS = ("sdpa", "fa3", "fa3-fp8")
+CHOICES = ("auto", *BACKENDS)
+# Largest |difference| from fp32 attention allowed at the check's shape (unit-variance q/k/v, 24 heads of 64):
+# bf16 kernels measured 5-6e-4, fp8 1.8e-2 with unit scales (docs/performance.md, 2026-11-28).
+TOLERANCE = {"fa3": 2e-3, "fa3-fp8": 6e-2}
+E4M3_MAX = 448.0
+
+
+def check(name: str) -> str:
+    if name not in CHOICES:
+        raise LensrunError(f"attention backend '{name}' is not one of {', '.join(CHOICES)}")
+    return name
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """[B, H, L, D] attention through ``backend`` (a mask always goes through SDPA)."""
+    if backend == "sdpa" or mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from fa3_fwd_interface import flash_attn_func
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "fa3":
+        out = flash_attn_func(q, k, v)
+    else:
+        (q8, qs), (k8, ks), (v8, vs) = (to_fp8(t) for t in (q, k, v))
+        out = flash_attn_func(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(q.dtype).transpose(1, 2)
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, H, D] → e4m3 values and the fp32 descale per (batch, head): amax / 448 of that head's values."""
+    scale = (x.abs().amax(dim=(1, 3)).float() / E4M3_MAX).clamp_min(1e-12)
+    return (x / scale[:, None, :, None].to(x.dtype)).to(torch.float8_e4m3fn), scale
+
+
+def installed(backend: str) -> bool:
+    if backend == "sdpa":
+        return True
+    try:
+        import fa3_fwd_interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supported(backend: str, device: torch.device) -> bool:
+    """FlashAttention-3's kernels are built for Hopper (sm_90) only."""
+    if backend == "sdpa":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def resolve(asked: str, precision: str, device: torch.device) -> tuple[str, str]:
+    """The backend a run uses for ``asked`` (``auto`` or a name) and why; an asked backend that cannot run here
+    is an error naming what is missing."""
+    check(asked)
+    if asked != "auto":
+        if not installed(asked):
+            raise LensrunError(f"--attention {asked} needs the fa3-fwd kernels: pip install 'lensrun[hopper]'")
+        if not supported(asked, device):
+            raise LensrunError(f"--attention {asked} runs on Hopper GPUs (sm_90) only; use sdpa")
+        return asked, f"attention {asked}: asked with --attention"
+    preferred = "fa3-fp8" if precision == "fp8" else "fa3"
+    if not installed(preferred):
+        return "sdpa", "attention sdpa: fa3-fwd is not installed (pip install 'lensrun[hopper]' on Hopper GPUs)"
+    if not supported(preferred, device):
+        return "sdpa", "attention sdpa: FlashAttention-3 runs on Hopper GPUs only"
+    error = verified_error(preferred, device)
+    if error > TOLERANCE[preferred]:
+        return "sdpa", f"attention sdpa: {preferred} differs from fp32 by {error:.1e} here (limit {TOLERANCE[preferred]:.0e})"
+    return preferred, f"attention {preferred}: fastest installed, max |error| {error:.1e} against fp32 on this GPU"
+
+
+def verified_error(backend: str, device: torch.device) -> float:
+    """The backend's largest |difference| from fp32 attention at a Lens shape, measured once per GPU, torch and
+    kernel version (kept in lensrun's cache folder)."""
+    from lensrun.metadata import write_atomic
+    from lensrun.prompt_cache import default_cache_dir
+
+    name = torch.cuda.get_device_name(device)
+    key = f"{backend}|{name}|{torch.__version__}|{_kernel_version()}"
+    path = default_cache_dir() / "attention-checks.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in known:
+        known[key] = measure_error(backend, device)
+        write_atomic(path, lambda f: f.write(json.dumps(known, indent=1).encode()))
+    return known[key]
+
+
+def measure_error(backend: str, device: torch.device, tokens: int = 4196, heads: int = 24, head_dim: int = 64) -> float:
+    """Max |backend − fp32 SDPA| on unit-variance inputs of a 1024² Lens sequence (4096 image + 100 text)."""
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, generator=gen, device=device) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v)
+    with torch.inference_mode():
+        out = attend(*(t.to(torch.bfloat16) for t in (q, k, v)), None, backend)
+    return float((out.float() - reference).abs().max())
+
+
+@functools.cache
+def _kernel_version() -> str:
+    try:
+        return importlib.metadata.version("fa3-fwd")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"

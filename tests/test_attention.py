@@ -1,0 +1,103 @@
+"""Attention backends on the CPU: dispatch and layouts (through a stand-in for the FlashAttention-3 module),
+the choice ``auto`` makes and why, clear errors for a backend that cannot run, the recipe and replay."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lensrun import api, attention
+from lensrun.errors import LensrunError
+from lensrun.metadata import read_config
+
+CPU = torch.device("cpu")
+TINY = {"model": "tiny-random", "device": "cpu", "height": 32, "width": 32, "steps": 2}
+
+
+@pytest.fixture
+def fake_fa3(monkeypatch):
+    """``fa3_fwd_interface.flash_attn_func`` with FlashAttention's conventions ([B, L, H, D]; fp8 inputs with
+    (batch, head) descales), computed by SDPA; records what it was given."""
+    calls = []
+
+    def flash_attn_func(q, k, v, q_descale=None, k_descale=None, v_descale=None):
+        calls.append({"dtype": q.dtype, "shape": tuple(q.shape), "descale": None if q_descale is None else tuple(q_descale.shape)})
+        if q.dtype == torch.float8_e4m3fn:
+            q, k, v = (t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale)))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+        return out.to(torch.float32), None
+
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    return calls
+
+
+def test_flash_layout_and_fp8_scales(fake_fa3):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 37, 64) * s for s in (1.0, 3.0, 0.2))  # odd length; heads of different ranges
+    reference = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(attention.attend(q, k, v, None, "fa3"), reference, atol=1e-6)
+    fp8 = attention.attend(q, k, v, None, "fa3-fp8")
+    assert fake_fa3[-1] == {"dtype": torch.float8_e4m3fn, "shape": (1, 37, 4, 64), "descale": (1, 4)}
+    assert (fp8 - reference).abs().max() < 0.1  # e4m3 keeps 3 mantissa bits; scales from the real values
+    mask = torch.ones(1, 1, 37, 37, dtype=torch.bool)
+    attention.attend(q, k, v, mask, "fa3")  # a mask always goes through SDPA
+    assert len(fake_fa3) == 2
+
+
+def test_fp8_scales_use_each_heads_range():
+    x = torch.randn(2, 50, 3, 64) * torch.tensor([1e-3, 1.0, 300.0]).view(1, 1, 3, 1)
+    values, scale = attention.to_fp8(x)
+    assert scale.shape == (2, 3) and values.dtype == torch.float8_e4m3fn
+    assert torch.allclose(values.float().abs().amax(dim=(1, 3)), torch.full((2, 3), 448.0))
+    assert ((values.float() * scale[:, None, :, None] - x).abs() / x.abs().amax()).max() < 0.07
+
+
+def test_auto_on_the_cpu_is_sdpa_and_says_why():
+    assert attention.resolve("auto", "bf16", CPU)[0] == "sdpa"
+    with pytest.raises(LensrunError, match="fa3-fwd kernels|Hopper"):
+        attention.resolve("fa3", "bf16", CPU)
+    with pytest.raises(LensrunError, match="not one of auto, sdpa, fa3, fa3-fp8"):
+        attention.resolve("flash9", "bf16", CPU)
+
+
+def test_auto_takes_fa3_only_when_its_check_passes(fake_fa3, monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSRUN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(attention, "supported", lambda backend, device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    errors = {"fa3": 5e-4, "fa3-fp8": 2e-2}
+    monkeypatch.setattr(attention, "measure_error", lambda backend, device: errors[backend])
+    assert attention.resolve("auto", "bf16", CPU)[0] == "fa3"
+    assert attention.resolve("auto", "fp8", CPU)[0] == "fa3-fp8"
+    errors["fa3"] = 1.0  # cached: the verdict stands until the GPU, torch or kernel changes
+    assert attention.resolve("auto", "bf16", CPU)[0] == "fa3"
+    (tmp_path / "attention-checks.json").unlink()
+    backend, why = attention.resolve("auto", "bf16", CPU)
+    assert backend == "sdpa" and "differs from fp32 by 1.0e+00" in why
+
+
+def test_the_backend_is_set_on_every_block_and_recorded(tmp_path):
+    path = api.generate("a fox", out=tmp_path, attention="sdpa", **TINY)[0]
+    assert read_config(path)["attention"] == "sdpa"
+    from lensrun import LensPipeline
+    from lensrun.models.transformer_lens import LensTransformer2DModel
+
+    pipe = LensPipeline.tiny_random()
+    assert isinstance(pipe.transformer, LensTransformer2DModel)
+    pipe.transformer.set_attention_backend("fa3")
+    assert {b.attn.backend for b in pipe.transformer.transformer_blocks} == {"fa3"}
+
+
+def test_replay_of_an_fa3_image_here_uses_sdpa_and_says_so(tmp_path):
+    from lensrun.metadata import save_png
+
+    path = api.generate("a fox", out=tmp_path, **TINY)[0]
+    config = read_config(path)
+    from PIL import Image
+
+    save_png(Image.open(path), tmp_path / "fa3.png", {**config, "attention": "fa3"})
+    said = []
+    replayed = api.replay(tmp_path / "fa3.png", out=tmp_path / "r", notify=said.append)
+    assert any("fa3 attention kernel, which cannot run here; using sdpa" in m for m in said)
+    assert read_config(replayed)["attention"] == "sdpa"
