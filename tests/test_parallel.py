@@ -29,12 +29,24 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
-def test_turbo_on_two_processes_splits_the_sequence(tmp_path):
+def test_turbo_splits_the_sequence_over_two_processes(tmp_path):
     """CFG 1 has no second branch: the image tokens are split (Ulysses) and the image is the single-process one
     (equal in fp32 on the CPU; on GPUs in bf16, GEMMs over fewer rows may round differently: docs/scale-out.md)."""
+    from lensrun.engine import Task
+    from lensrun.parallel import launch
+    from lensrun.request import EngineOptions, GenerationRequest
+
     one = api.generate("a kite", out=tmp_path / "one", cfg=1.0, seed=4, **TINY)
-    two = api.generate("a kite", out=tmp_path / "two", cfg=1.0, seed=4, gpus=2, **TINY)
-    assert _psnr(one[0], two[0]) == float("inf")
+    request = GenerationRequest.build(prompt="a kite", cfg=1.0, seed=4, **{k: v for k, v in TINY.items() if k in ("height", "width", "steps")})
+    task = Task(request.images()[0], path=tmp_path / "two" / "x.png")
+    launch(EngineOptions(model="tiny-random", device="cpu", gpus=2).resolved(), [task])  # CFG 1: 'sequence' chosen
+    assert _psnr(one[0], task.path) == float("inf")
+
+
+def test_generate_runs_turbo_on_one_gpu_and_says_why(tmp_path):
+    said = []
+    paths = api.generate("a kite", out=tmp_path, cfg=1.0, gpus=2, notify=said.append, **TINY)
+    assert paths[0].is_file() and any("running on one GPU" in m for m in said)
 
 
 def test_sequence_parallel_with_guidance(tmp_path):
@@ -51,15 +63,20 @@ def test_sequence_parallel_with_guidance(tmp_path):
     assert _psnr(one[0], task.path) == float("inf")
 
 
-def test_a_size_whose_tokens_do_not_split_is_refused(tmp_path):
+def test_a_size_whose_tokens_do_not_split_is_refused():
+    from lensrun.engine import Task
+    from lensrun.parallel import mode_for
+    from lensrun.request import GenerationRequest
+
+    task = Task(GenerationRequest.build(prompt="a kite", cfg=1.0, height=48, width=48).images()[0])
     with pytest.raises(LensrunError, match="do not split over 2 GPUs"):
-        api.generate("a kite", out=tmp_path, cfg=1.0, gpus=2, **{**TINY, "height": 48, "width": 48})
+        mode_for([task], 2)
 
 
 @pytest.mark.parametrize(
     ("gpus", "device", "message"),
     [
-        (5, None, "the 24 attention heads must split evenly"),
+        (4, None, "one image runs on 1 or 2 GPUs"),
         (2, "cuda:1", "leave --device out"),
         (0, None, "gpus must be 1 or more"),
     ],

@@ -57,8 +57,11 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
         from lensrun import parallel
 
         parallel.check_gpus(engine_opts.gpus, engine_opts.device)
-        parallel.launch(engine_opts, tasks, notify, show_progress)
-        return [t.path for t in tasks]
+        if parallel.mode_for(tasks, engine_opts.gpus) == "cfg":
+            parallel.launch(engine_opts, tasks, notify, show_progress)
+            return [t.path for t in tasks]
+        if notify is not None:
+            notify(parallel.ONE_GPU_INSTEAD)
     engine = Engine.shared(engine_opts, singles, notify)
     results = engine.run(tasks, notify=notify, progress=show_progress)
     return [r.task.path for r in results]

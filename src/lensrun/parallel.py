@@ -4,11 +4,12 @@
   (CFG 5), the same transformer on the same latents with different text; rank 0 runs the conditional branch,
   rank 1 the unconditional one, and one all-gather of the two velocities per step lets both take the same Euler
   step. Each branch is computed exactly as on one GPU, so the image is the single-GPU image.
-* Sequence-parallel (Ulysses; any GPU count dividing the 24 heads — Turbo on 2 GPUs, or more than 2): each rank
+* Sequence-parallel (Ulysses; any GPU count dividing the 24 heads; ``launch(mode="sequence")``): each rank
   holds a slice of the image tokens through the whole denoise (the text, short, whole on every rank); in each
   block's joint attention all-to-alls trade token slices for head slices and back
   (``LensJointAttention._sequence_parallel``); the latents are gathered once at the end. GEMMs over fewer rows
-  may round differently: PSNR against the single-GPU image is reported, not bit equality.
+  may round differently: PSNR against the single-GPU image is reported, not bit equality. Measured slower
+  than one GPU so far (``ONE_GPU_INSTEAD``), so ``lensrun generate --gpus`` does not use it.
 
 Either way rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
 and writes the PNGs.
@@ -118,17 +119,21 @@ class Group:
 
 
 HEADS = 24  # Lens's attention heads: a sequence-parallel group splits them evenly
+# Sequence parallelism works (tests/test_parallel.py) but measured slower than one GPU: 1024² Turbo 0.560 s
+# on two H200s against 0.156 s on one (2026-11-28, docs/scale-out.md). The CLI does not choose it.
+ONE_GPU_INSTEAD = ("CFG 1 (Turbo) has no second branch to put on the other GPU, and splitting the sequence "
+                   "measured slower than one GPU (docs/scale-out.md): running on one GPU")  # fmt: skip
 
 
 def check_gpus(gpus: int, device: str | None) -> None:
-    """A clear error before any work: the count divides the heads and this machine has that many GPUs."""
+    """A clear error before any work: 2 GPUs (CFG-parallel) and this machine has them."""
     if gpus < 1:
         raise LensrunError(f"gpus must be 1 or more, got {gpus}")
     if gpus == 1:
         return
-    if HEADS % gpus:
-        allowed = ", ".join(str(g) for g in range(2, HEADS + 1) if HEADS % g == 0)
-        raise LensrunError(f"--gpus {gpus}: the {HEADS} attention heads must split evenly; use one of {allowed}")
+    if gpus != 2:
+        raise LensrunError(f"--gpus {gpus}: one image runs on 1 or 2 GPUs (CFG-parallel); splitting it further "
+                           "(sequence parallelism) measured slower than one GPU, see docs/scale-out.md")  # fmt: skip
     if device not in (None, "cuda", "cpu"):
         raise LensrunError(f"--gpus {gpus} places its workers on cuda:0…cuda:{gpus - 1}; leave --device out (or cpu for a test)")
     if device != "cpu":
@@ -138,10 +143,12 @@ def check_gpus(gpus: int, device: str | None) -> None:
 
 
 def mode_for(tasks, gpus: int) -> str:
-    """'cfg' for two GPUs and guided images (exact, one exchange per step), else 'sequence'. Sequence
-    parallelism needs every image's token count to split evenly; a clear error otherwise."""
+    """'cfg' for two GPUs and guided images (exact, one exchange per step), else 'sequence' (the heads and
+    every image's tokens must split evenly; a clear error otherwise)."""
     if gpus == 2 and all(t.request.cfg != 1.0 for t in tasks):
         return "cfg"
+    if HEADS % gpus:
+        raise LensrunError(f"{gpus} GPUs: the {HEADS} attention heads do not split evenly")
     for t in tasks:
         h, w = t.request.grid
         if (h * w) % gpus:
