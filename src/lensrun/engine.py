@@ -598,6 +598,7 @@ class _Run:
             if self.pipe.device.type == "cuda":
                 r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
                 r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)
+            self.previous_write()
             self.writes.append(self.engine.writer().submit(self.finish, r, image))
 
         self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
@@ -618,6 +619,14 @@ class _Run:
             r.error = f"{type(err).__name__}: {err}"
         if self.on_result is not None:
             self.on_result(r)
+
+    def previous_write(self) -> None:
+        """Wait for the write before this one (one in flight: it overlaps the next image's GPU work, and images
+        never pile up in memory); a Ctrl-C or exit raised there stops the run here."""
+        if self.writes:
+            error = self.writes[-1].exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error
 
     def wait_for_writes(self) -> None:
         """Every PNG of this run on disk; the first write error raised (isolating runs record theirs instead)."""

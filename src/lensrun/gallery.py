@@ -172,45 +172,77 @@ def plan_images(entries: list[Entry], options: EngineOptions, dtype: str) -> lis
     return images
 
 
+@dataclass
+class GalleryRun:
+    """One run over a gallery folder: which images are pending, and the recording of each finished one (the
+    manifest has one writer: the process that made this object)."""
+
+    out: Path
+    options: EngineOptions
+    dtype: str
+    pending: list[tuple[Entry, GenerationRequest, str, str]]
+    summary: dict
+
+    @classmethod
+    def start(cls, options: EngineOptions, entries: list[Entry], out: str | Path) -> GalleryRun:
+        from lensrun.engine import resolve_device, resolve_dtype
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
+        done_hashes = set(_finished(out))
+        images = plan_images(entries, options, dtype)
+        current = json.dumps({"hashes": [digest for _, _, digest, _ in images]}).encode()
+        write_atomic(out / CURRENT, lambda f: f.write(current))
+        pending = [i for i in images if i[2] not in done_hashes]
+        return cls(out, options, dtype, pending, {"done": 0, "skipped": len(images) - len(pending), "failed": 0})
+
+    def tasks(self, images=None) -> list:
+        """Engine tasks for ``images`` (default: every pending one); each keeps its denoised latents in the work
+        folder until its PNG is written, so an interrupted image resumes at decoding."""
+        from lensrun.engine import Task
+
+        work = self.out / WORK_FOLDER
+        return [
+            Task(single, self.out / file, (entry, single, digest, file), keep=work / f"{digest}.safetensors")
+            for entry, single, digest, file in (self.pending if images is None else images)
+        ]  # fmt: skip
+
+    def record(self, tag, ok: bool, config: dict, report: dict, error: str | None) -> None:
+        """One manifest row for a finished image (done or failed)."""
+        entry, single, digest, file = tag
+        row = {"hash": digest, "name": entry.name, "file": file, "lensrun_version": __version__}
+        if ok:
+            _append(self.out, {**row, "status": "done", "config": config, "report": report})
+            self.summary["done"] += 1
+        else:
+            config = {**single.record(), "model": self.options.model, "dtype": self.dtype}
+            _append(self.out, {**row, "status": "failed", "error": error, "config": config})
+            self.summary["failed"] += 1
+
+    def finish(self) -> dict:
+        work = self.out / WORK_FOLDER
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+        write_index(self.out)
+        return self.summary
+
+
 def run_gallery(
     options: EngineOptions, entries: list[Entry], out: str | Path, show_progress: bool = True, notify=None
 ) -> dict:
     """Make every image not already done; returns the summary (done / skipped / failed)."""
-    from lensrun.engine import Engine, Task, resolve_device, resolve_dtype
+    from lensrun.engine import Engine
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
-    done_hashes = set(_finished(out))
-    images = plan_images(entries, options, dtype)
-    current = json.dumps({"hashes": [digest for _, _, digest, _ in images]}).encode()
-    write_atomic(out / CURRENT, lambda f: f.write(current))
-    pending = [i for i in images if i[2] not in done_hashes]
-    summary = {"done": 0, "skipped": len(images) - len(pending), "failed": 0}
+    run = GalleryRun.start(options, entries, out)
+    if run.pending:
+        engine = Engine.shared(options, [single for _, single, _, _ in run.pending], notify)
 
-    def record(result) -> None:
-        entry, _, digest, file = result.task.tag
-        row = {"hash": digest, "name": entry.name, "file": file, "lensrun_version": __version__}
-        if result.ok:
-            _append(out, {**row, "status": "done", "config": result.config, "report": result.report})
-            summary["done"] += 1
-        else:
-            config = {**result.task.request.record(), "model": options.model, "dtype": dtype}
-            _append(out, {**row, "status": "failed", "error": result.error, "config": config})
-            summary["failed"] += 1
+        def record(result) -> None:
+            run.record(result.task.tag, result.ok, result.config, result.report, result.error)
 
-    if pending:
-        engine = Engine.shared(options, [single for _, single, _, _ in pending], notify)
-        work = out / WORK_FOLDER  # denoised latents waiting for decoding: an interrupt loses at most one image
-        tasks = [
-            Task(single, out / file, (entry, single, digest, file), keep=work / f"{digest}.safetensors")
-            for entry, single, digest, file in pending
-        ]
-        engine.run(tasks, isolate=True, on_result=record, notify=notify, progress=show_progress)
-    if (out / WORK_FOLDER).is_dir() and not any((out / WORK_FOLDER).iterdir()):
-        (out / WORK_FOLDER).rmdir()
-    write_index(out)
-    return summary
+        engine.run(run.tasks(), isolate=True, on_result=record, notify=notify, progress=show_progress)
+    return run.finish()
 
 
 def _caption(row: dict) -> str:
