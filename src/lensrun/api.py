@@ -165,7 +165,10 @@ def plan_report(vram: str | float, compile: bool = True, **options) -> str:
     return head + "\n" + memory.format_table(preds, budget)
 
 
-def gallery(file: str | Path, *, out: str | Path, show_progress: bool = False, notify=None, **options) -> dict:
+def gallery(
+    file: str | Path, *, out: str | Path, ray: str | None = None, workers: int | None = None, show_progress: bool = False,
+    notify=None, **options,
+) -> dict:
     """Render a gallery file into ``out`` (see ``lensrun.gallery``); request options are defaults for its
     entries, below the file's own ``[defaults]``. Returns the summary: done / skipped / failed and the index."""
     import lensrun.gallery as g
@@ -173,10 +176,18 @@ def gallery(file: str | Path, *, out: str | Path, show_progress: bool = False, n
 
     request_options, engine_options = split_options(options)
     engine_opts = EngineOptions(**engine_options).resolved()
-    resolve_device(engine_opts.device)
+    if ray is None:  # a Ray driver may have no GPU of its own: its workers check theirs
+        resolve_device(engine_opts.device)
+    elif workers is not None and workers < 1:
+        raise LensrunError(f"--workers must be 1 or more, got {workers}")
     one_gpu_only(engine_opts, "a gallery")
     entries = g.load_gallery(file, {k: v for k, v in request_options.items() if v is not None}, variant=model_variant(engine_opts))
-    summary = g.run_gallery(engine_opts, entries, out, show_progress=show_progress, notify=notify)
+    if ray is not None:
+        from lensrun.ray_gallery import run_gallery_ray
+
+        summary = run_gallery_ray(engine_opts, entries, out, address=ray, workers=workers, notify=notify)
+    else:
+        summary = g.run_gallery(engine_opts, entries, out, show_progress=show_progress, notify=notify)
     return {**summary, "index": str(Path(out) / "index.html")}
 
 

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     gal = sub.add_parser("gallery", help="render a prompt file (TOML, JSON or text) to a resumable captioned gallery")
     gal.add_argument("file", help="TOML/JSON ([defaults] + [[image]] entries) or text (one prompt per line)")
     gal.add_argument("--out", required=True, help="gallery folder (images, manifest.jsonl, index.html)")
+    gal.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="spread the images over every GPU of a Ray cluster (no ADDRESS: a local Ray instance)")
+    gal.add_argument("--workers", type=int, default=None, help="with --ray: engines to start (default: one per GPU)")
     _options(gal, GenerationRequest, skip=("prompt",))
     _options(gal, EngineOptions)
 

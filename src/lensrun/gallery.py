@@ -185,11 +185,14 @@ class GalleryRun:
 
     @classmethod
     def start(cls, options: EngineOptions, entries: list[Entry], out: str | Path) -> GalleryRun:
+        import torch
+
         from lensrun.engine import resolve_device, resolve_dtype
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        dtype = str(resolve_dtype(options.dtype, resolve_device(options.device))).removeprefix("torch.")
+        device = torch.device(options.device) if options.device else resolve_device(None)  # a Ray driver may lack it
+        dtype = str(resolve_dtype(options.dtype, device)).removeprefix("torch.")
         done_hashes = set(_finished(out))
         images = plan_images(entries, options, dtype)
         current = json.dumps({"hashes": [digest for _, _, digest, _ in images]}).encode()
