@@ -127,3 +127,45 @@ def test_png_writes_leave_the_gpu_thread(pipe, tmp_path, monkeypatch):
     results = engine.run(tasks)
     assert all(r.ok and r.task.path.is_file() for r in results)
     assert len(threads) == 3 and all(name.startswith("lensrun-writer") for name in threads)
+
+
+def test_replicas_take_batches_from_one_queue_and_keep_each_image(tmp_path):
+    """Two engines (one per GPU in production; two CPU engines here), one worker thread each: jobs of different
+    kinds run side by side, each image the one its request gets alone."""
+    engines = [Engine(LensPipeline.tiny_random(device="cpu"), EngineOptions(model="tiny-random", device="cpu")) for _ in range(2)]
+    used: list[tuple[str, int]] = []
+    for number, engine in enumerate(engines):
+        original = engine.run
+
+        def recording(tasks, _original=original, _number=number, **kwargs):
+            used.append((threading.current_thread().name, _number))
+            return _original(tasks, **kwargs)
+
+        engine.run = recording
+    worker = Worker(engines, tmp_path / "files")
+    sizes = [(32, 32), (32, 48), (48, 32), (48, 48)]
+    jobs = [Job(engines[0].request(prompt=f"p{i}", height=h, width=w, steps=2, seed=i), "url") for i, (h, w) in enumerate(sizes)]
+    with worker.ready:
+        for job in jobs:
+            worker.submit(job)
+    for job in jobs:
+        _wait(job)
+    worker.shutdown()
+    assert {number for _, number in used} == {0, 1}  # both replicas worked
+    assert all(name == f"lensrun-worker-{number}" for name, number in used)  # each on its own thread
+    alone = Engine(LensPipeline.tiny_random(device="cpu"), EngineOptions(model="tiny-random", device="cpu"))
+    for job in jobs:
+        task = Task(job.request.images()[0], path=tmp_path / "alone" / f"{job.id}.png")
+        alone.run([task])
+        assert np.array_equal(_pixels(task.path), _pixels(tmp_path / "files" / f"{job.files[0]}.png"))
+
+
+def test_replica_devices_are_checked_before_loading():
+    from lensrun.errors import LensrunError
+    from lensrun.server import replica_devices
+
+    assert replica_devices("cpu", 3) == ["cpu", "cpu", "cpu"] and replica_devices(None, 1) == [None]
+    with pytest.raises(LensrunError, match="leave --device out"):
+        replica_devices("cuda:1", 2)
+    with pytest.raises(LensrunError, match="needs 64 GPUs"):
+        replica_devices(None, 64)

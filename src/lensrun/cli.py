@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     srv.add_argument("--max-queue", type=int, default=16, help="jobs waiting at most; more get 429")
     srv.add_argument("--files", default=None, help="folder for generated images (default: a temp folder)")
+    srv.add_argument("--replicas", type=int, default=1, help="engines, one per GPU (cuda:0…), serving one queue")
     srv.add_argument("--warmup", action="store_true",
                      help="compile before listening (otherwise requests run eagerly while it compiles on a side thread)")
     _options(srv, EngineOptions)

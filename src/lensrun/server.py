@@ -1,8 +1,8 @@
 """``lensrun serve``: the loaded model behind an OpenAI-compatible Images API, a job queue and a web page.
 
-One worker thread owns the GPU and takes jobs in order from a bounded queue, running queued jobs of the same
-size and settings together as one engine run; the engine's writer thread writes each PNG and completes its job
-while the GPU goes on. Request handlers only validate, enqueue and wait (asynchronously). Compilation happens on
+One worker thread per engine (one engine, or a replica per GPU) takes jobs in order from a bounded queue,
+running queued jobs of the same size and settings together as one engine run; the engine's writer thread writes
+each PNG and completes its job while the GPU goes on. Request handlers only validate, enqueue and wait (asynchronously). Compilation happens on
 a side thread while requests run eagerly (``Engine.background_compile``). Images are saved with the same PNG
 metadata as the CLI's and served under random ids, so no client ever names a path.
 """
@@ -151,16 +151,21 @@ class Worker:
     KEEP_JOBS = 512
     MAX_BATCH_IMAGES = 8
 
-    def __init__(self, engine: Engine, files: Path, max_queue: int = 16) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | list[Engine], files: Path, max_queue: int = 16) -> None:
+        self.engines = engine if isinstance(engine, list) else [engine]  # replicas: one per GPU, one thread each
+        self.engine = self.engines[0]
         self.files = files
         self.max_queue = max_queue
         self.pending: collections.deque[Job] = collections.deque()
         self.ready = threading.Condition()
         self.jobs: dict[str, Job] = {}
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="lensrun-worker", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(e,), name=f"lensrun-worker-{i}", daemon=True)
+            for i, e in enumerate(self.engines)
+        ]  # fmt: skip
+        for thread in self.threads:
+            thread.start()
 
     def queued(self) -> int:
         return len(self.pending)
@@ -193,13 +198,13 @@ class Worker:
                     images += job.request.n
             return batch
 
-    def _loop(self) -> None:
+    def _loop(self, engine: Engine) -> None:
         while not self.stopping.is_set():
             batch = self.next_batch()
             if batch:
-                self._run(batch)
+                self._run(batch, engine)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], engine: Engine) -> None:
         owner: dict[int, Job] = {}
         tags: dict[str, list[str]] = {job.id: [] for job in batch}
         tasks: list[Task] = []
@@ -226,7 +231,7 @@ class Worker:
                 job.finish("succeeded")
 
         try:
-            self.engine.run(tasks, isolate=True, on_result=on_result, wait=False,
+            engine.run(tasks, isolate=True, on_result=on_result, wait=False,
                             should_stop=lambda: any(j.cancel.is_set() for j in batch))  # fmt: skip
         except Cancelled:
             for job in batch:
@@ -268,9 +273,10 @@ class Worker:
         return len(queued), len(running)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """``stop``, then wait for the worker thread."""
+        """``stop``, then wait for the worker threads."""
         self.stop()
-        self.thread.join(timeout)
+        for thread in self.threads:
+            thread.join(timeout)
 
 
 SHUT_DOWN = "the server shut down before this job started"
@@ -307,12 +313,13 @@ def validate(body, engine: Engine, warnings: list[str]) -> GenerationRequest:
         raise ApiError(422, message, param) from None
 
 
-def create_app(engine: Engine, files: Path, api_key: str | None = None, max_queue: int = 16,
+def create_app(engine: Engine | list[Engine], files: Path, api_key: str | None = None, max_queue: int = 16,
                max_body: int = 64 * 1024, access_log=None) -> FastAPI:  # fmt: skip
-    """The ASGI app around a loaded engine (``app.state.worker`` runs the jobs); ``access_log`` gets one line
-    per request (method, path, status, time)."""
+    """The ASGI app around loaded engines (one, or a replica per GPU; ``app.state.worker`` runs the jobs);
+    ``access_log`` gets one line per request (method, path, status, time)."""
     files.mkdir(parents=True, exist_ok=True)
     worker = Worker(engine, files, max_queue)
+    engine = worker.engine
     pipe = engine.pipe
 
     @contextlib.asynccontextmanager
@@ -462,6 +469,24 @@ class LensrunServer(uvicorn.Server):
         self.notify(f"lensrun: shutting down: {failed} queued job(s) failed, {cancelled} running job(s) cancelled")
 
 
+def replica_devices(device: str | None, replicas: int) -> list[str | None]:
+    """One device per replica: cuda:0… on a GPU machine (checked against the GPU count), the CPU for tests."""
+    if replicas < 1:
+        raise LensrunError(f"--replicas must be 1 or more, got {replicas}")
+    if replicas == 1:
+        return [device]
+    if device == "cpu":
+        return ["cpu"] * replicas
+    if device not in (None, "cuda"):
+        raise LensrunError(f"--replicas {replicas} places one engine on each of cuda:0…cuda:{replicas - 1}; leave --device out")
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < replicas:
+        raise LensrunError(f"--replicas {replicas} needs {replicas} GPUs; this machine has {found}")
+    return [f"cuda:{i}" for i in range(replicas)]
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be served (checked before the model loads), or None."""
     import socket
@@ -483,11 +508,13 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None, max_queue: int = 16,
-          files: str | None = None, warmup: bool = False, notify=print, **options) -> None:  # fmt: skip
+          files: str | None = None, warmup: bool = False, replicas: int = 1, notify=print, **options) -> None:  # fmt: skip
     """Load the model once and serve it until interrupted. Compiled by default on CUDA (a server makes many
     images: repeated sizes replay the encoder and the denoising steps as CUDA graphs). Compilation starts at
     once on a side thread and requests run eagerly until it is done; ``warmup``: finish it (and one image at the
-    default size) before listening."""
+    default size) before listening. ``replicas``: one engine per GPU (cuda:0…), each with its own worker thread
+    taking batches from the one queue."""
+    import dataclasses
     import tempfile
 
     from lensrun.api import one_gpu_only
@@ -502,17 +529,22 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
         notify(warning)
     opts = EngineOptions(**options).resolved()
     one_gpu_only(opts, "the server")
+    devices = replica_devices(opts.device, replicas)  # before any weight is read
     if opts.compile is None and resolve_device(opts.device).type == "cuda":
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
     first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
-    engine = Engine.shared(opts, first)
-    engine.compile_ahead(first, wait=warmup, notify=notify)
-    if warmup:
-        start = time.perf_counter()
-        engine.run([Task(single) for single in first])
-        notify(f"warm-up image in {time.perf_counter() - start:.1f} s")
+    engines = [Engine.shared(opts, first)]
+    for device in devices[1:]:
+        engines.append(Engine.load(dataclasses.replace(opts, device=device), first))
+    for engine in engines:
+        engine.compile_ahead(first, wait=warmup, notify=notify)
+        if warmup:
+            start = time.perf_counter()
+            engine.run([Task(single) for single in first])
+            notify(f"warm-up image on {engine.device} in {time.perf_counter() - start:.1f} s")
+    engine = engines[0]
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
-    app = create_app(engine, folder, api_key=api_key, max_queue=max_queue, access_log=notify)
+    app = create_app(engines, folder, api_key=api_key, max_queue=max_queue, access_log=notify)
     warnings.showwarning = lambda message, *args, **kwargs: notify(f"lensrun: warning: {message}")
     notify(f"lensrun serving {engine.pipe.model_name} on http://{host}:{port} (images in {folder})")
     try:
