@@ -42,15 +42,15 @@ def kernel_rows() -> list[dict]:
         qb, kb, vb = (t.bfloat16() for t in (q, k, v))
         flops = 4 * 24 * tokens * tokens * 64
         cases = {
-            "sdpa (cuDNN)": lambda: _sdpa(qb, kb, vb, SDPBackend.CUDNN_ATTENTION, sdpa_kernel),
-            "sdpa (flash)": lambda: _sdpa(qb, kb, vb, SDPBackend.FLASH_ATTENTION, sdpa_kernel),
+            "sdpa (cuDNN)": lambda q, k, v: _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION, sdpa_kernel),
+            "sdpa (flash)": lambda q, k, v: _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, sdpa_kernel),
         }
         for backend in ("fa3", "fa3-fp8"):
             if attention.installed(backend) and attention.supported(backend, torch.device("cuda")):
-                cases[backend] = lambda b=backend: attention.attend(qb, kb, vb, None, b)
+                cases[backend] = lambda q, k, v, b=backend: attention.attend(q, k, v, None, b)
         for case, fn in cases.items():
-            seconds = timed(fn)
-            error = float((fn().float() - reference).abs().max())
+            seconds = timed(lambda f=fn: f(qb, kb, vb))
+            error = float((fn(qb, kb, vb).float() - reference).abs().max())
             rows.append({"sequence": name, "tokens": tokens, "backend": case, "ms": seconds * 1e3,
                          "tflops": flops / seconds / 1e12, "max_error": error})  # fmt: skip
     return rows
@@ -72,7 +72,7 @@ def denoise_rows(root: str) -> list[dict]:
             continue
         pipe.transformer.set_attention_backend(backend)
         pipe.step_graphs.reset()
-        kwargs = dict(height=1024, width=1024, seed=3, output_type="np")
+        kwargs = {"height": 1024, "width": 1024, "seed": 3, "output_type": "np"}
         start = time.perf_counter()
         pipe("a lighthouse on a cliff at dusk", **kwargs)
         first = time.perf_counter() - start
