@@ -49,7 +49,7 @@ def kernel_rows() -> list[dict]:
             if attention.installed(backend) and attention.supported(backend, torch.device("cuda")):
                 cases[backend] = lambda q, k, v, b=backend: attention.attend(q, k, v, None, b)
         for case, fn in cases.items():
-            seconds = timed(lambda f=fn: f(qb, kb, vb))
+            seconds = timed(lambda f=fn, args=(qb, kb, vb): f(*args))
             error = float((fn(qb, kb, vb).float() - reference).abs().max())
             rows.append({"sequence": name, "tokens": tokens, "backend": case, "ms": seconds * 1e3,
                          "tflops": flops / seconds / 1e12, "max_error": error})  # fmt: skip
