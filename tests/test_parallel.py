@@ -16,7 +16,7 @@ TINY = {"model": "tiny-random", "device": "cpu", "height": 32, "width": 48, "ste
 def test_cfg_parallel_on_two_processes_gives_the_single_process_image(tmp_path):
     prompts = ["a red fox in snow", "a lighthouse"]
     one = api.generate(prompts, out=tmp_path / "one", seed=3, negative_prompt="blurry", **TINY)
-    two = api.generate(prompts, out=tmp_path / "two", seed=3, negative_prompt="blurry", gpus=2, **TINY)
+    two = api.generate(prompts, out=tmp_path / "two", seed=3, negative_prompt="blurry", gpus=2, notify=lambda m: None, **TINY)
     assert [p.name for p in one] == [p.name for p in two]
     for a, b in zip(one, two, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

@@ -161,9 +161,15 @@ def launch(options, tasks: list, notify=None, progress: bool = False, mode: str 
     ``mode``: 'cfg' or 'sequence' (default: ``mode_for``). A worker's error ends the run with that error."""
     import torch.multiprocessing as mp
 
+    import pickle
+
     world = options.gpus
     chosen = mode_for(tasks, world)
     mode = mode or chosen
+    try:  # workers are spawned processes: a callback that cannot travel (a lambda) stays silent there
+        pickle.dumps(notify)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        notify = None
     backend = "gloo" if options.device == "cpu" else "nccl"
     os.environ.update(NO_MULTICAST)  # spawned workers inherit it
     port = _free_port()
