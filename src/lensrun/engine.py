@@ -32,6 +32,7 @@ from lensrun.request import TINY_MODEL, EngineOptions, GenerationRequest, check_
 
 SINGLE_FILE_PARTS = ("transformer", "text_encoder", "vae")  # components a single file may replace
 GROUP_IMAGES = 8  # images denoised before their group is decoded and written: bounds what an interrupt loses
+WRITES_IN_FLIGHT = 4  # decoded images waiting for the PNG writer at most
 
 
 class Cancelled(Exception):
@@ -621,10 +622,13 @@ class _Run:
             self.on_result(r)
 
     def previous_write(self) -> None:
-        """Wait for the write before this one (one in flight: it overlaps the next image's GPU work, and images
-        never pile up in memory); a Ctrl-C or exit raised there stops the run here."""
-        if self.writes:
-            error = self.writes[-1].exception()
+        """At most WRITES_IN_FLIGHT PNGs wait for the writer (images never pile up in memory, and one slow write
+        does not stall the GPU); a Ctrl-C or exit raised in a finished write stops the run here."""
+        waiting = [f for f in self.writes if not f.done()]
+        if len(waiting) >= WRITES_IN_FLIGHT:
+            futures.wait(waiting[: len(waiting) - WRITES_IN_FLIGHT + 1])
+        for write in self.writes:
+            error = write.exception() if write.done() else None
             if error is not None and not isinstance(error, Exception):
                 raise error
 
