@@ -34,7 +34,7 @@ def attention_table() -> list[dict]:
             for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
                 try:
                     with sdpa_kernel(backend):
-                        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100)
+                        ms = do_bench(lambda qkv=(q, k, v): F.scaled_dot_product_attention(*qkv), warmup=25, rep=100)
                     rows.append({"grid": name, "seq": s, "backend": backend.name, "ms": ms, "tflops": flops / ms / 1e9})
                 except RuntimeError as err:
                     rows.append({"grid": name, "seq": s, "backend": backend.name, "error": str(err)[:120]})
@@ -70,7 +70,10 @@ def profile_forward(root: Path, precision: str, report: dict) -> None:
         x = torch.randn(1, gh * gw, 128, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode(), attention_kernels(torch.device("cuda")):
             cond = pipe.transformer.conditioning(t)
-            run = lambda: pipe.transformer(x, text, None, t, [(1, gh, gw)], step_conditioning=cond)
+
+            def run(model=pipe.transformer, x=x, shape=(1, gh, gw), cond=cond):
+                return model(x, text, None, t, [shape], step_conditioning=cond)
+
             graphs = counters["stats"]["unique_graphs"]
             t0 = time.perf_counter()
             run()
