@@ -1,15 +1,17 @@
 """The one run path: a loaded model and everything that turns a list of image requests into PNGs.
 
 Every surface drives an ``Engine``: ``lensrun generate``/``replay`` and ``lensrun.generate`` (a few images),
-``lensrun gallery`` (many, resumable), ``lensrun serve`` (one request at a time from its queue). For any list of
-single-image tasks the engine
+``lensrun gallery`` (many, resumable; also as Ray actors), ``lensrun serve`` (batches from its queue, one
+engine per GPU), and the workers of ``generate --gpus 2``. For any list of single-image tasks the engine
 
 1. plans memory from the tasks' real sizes, steps and CFG (``lensrun.memory``) and decides whether compiling
    pays (``lensrun.compile_policy``);
-2. encodes every prompt once (prompt cache first), then denoises the images grouped by size and decodes each
-   group right after it, in phases (``LensPipeline.phase``) so a phased plan moves each component once a group;
+2. encodes every prompt once (prompt cache first), then denoises the images grouped by size and decodes them —
+   each image right away under a resident plan, a group of up to 8 at a time under a phased one
+   (``LensPipeline.phase``, so each component moves once a group);
 3. after an out-of-memory error, frees the failed attempt's memory and retries that image under the next plan;
-4. writes each PNG with its recipe and run report atomically, and reports every image to the caller.
+4. hands each image to a writer thread, which writes its PNG with recipe and run report atomically and reports
+   it to the caller while the GPU goes on with the next image.
 """
 
 from __future__ import annotations
