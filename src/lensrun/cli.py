@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="compile before listening (otherwise requests run eagerly while it compiles on a side thread)")
     _options(srv, EngineOptions)
 
+    conv = sub.add_parser("convert", help="write a diffusers-layout Lens folder as ComfyUI's single files")
+    conv.add_argument("model", help="diffusers folder or Hub repo id")
+    conv.add_argument("--out", required=True, help="ComfyUI models folder to write (diffusion_models/, vae/, text_encoders/)")
+    conv.add_argument("--dit-format", choices=("bf16", "mxfp8"), default="bf16", help="the DiT file's format")
+    conv.add_argument("--device", default="cpu", help="where to re-quantize (cuda is much faster at full size)")
+
     plan = sub.add_parser("plan", help="show every memory plan for a budget and size, and the one chosen")
     plan.add_argument("--vram", required=True, help="GPU memory budget, e.g. 24GB")
     _options(plan, GenerationRequest, only=("variant", "base_resolution", "aspect_ratio", "height", "width", "steps", "cfg"))
@@ -122,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             from lensrun.server import serve
 
             serve(**kwargs)
+            return 0
+        elif args.command == "convert":
+            from lensrun.convert import to_comfy
+
+            for path in to_comfy(kwargs["model"], kwargs["out"], kwargs["dit_format"], kwargs["device"], _notify).values():
+                print(path)
             return 0
         elif args.command == "replay":
             paths = [api.replay(kwargs.pop("image"), show_progress=True, notify=_notify, **kwargs)]

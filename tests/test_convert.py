@@ -1,0 +1,63 @@
+"""``lensrun convert``: the tiny diffusers checkpoint as ComfyUI's single files, loaded back by lensrun (the
+files' values are the folder's, in the file formats' precision), resumable, and the BFL names exactly the
+reference mapping's."""
+
+import torch
+from safetensors.torch import load_file
+
+from lensrun import LensPipeline, mxfp4, nvfp4, single_file
+from lensrun.cli import main
+from lensrun.convert import bfl_name, to_comfy
+
+
+def _folder_state(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_converted_files_load_with_the_folders_values(tiny_checkpoint, tmp_path):
+    files = to_comfy(str(tiny_checkpoint), tmp_path / "models")
+    assert [single_file.kind(files[p]) for p in ("transformer", "vae", "text_encoder")] == ["dit", "vae", "text_encoder"]
+    assert files["transformer"].name == "lens_bf16.safetensors"
+    # The files alone (the folder only lends its configs: a ComfyUI folder would take the published full-size ones).
+    pipe = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", files=files)
+    dit = _folder_state(tiny_checkpoint / "transformer")
+    assert all(torch.equal(v, dit[k].to(torch.bfloat16).float()) for k, v in pipe.transformer.state_dict().items())
+    vae = _folder_state(tiny_checkpoint / "vae")
+    assert all(torch.equal(v, vae[k]) for k, v in pipe.vae.state_dict().items() if k != "bn.num_batches_tracked")
+    encoder = _folder_state(tiny_checkpoint / "text_encoder")
+    experts = pipe.text_encoder.layers[1].mlp.experts
+    original = mxfp4.dequantize(
+        encoder["model.layers.1.mlp.experts.down_proj_blocks"], encoder["model.layers.1.mlp.experts.down_proj_scales"], torch.float32
+    )
+    assert torch.equal(experts.decoded("down_proj", slice(0, 4), torch.float32), nvfp4.dequantize(*nvfp4.quantize(original), torch.float32))
+    assert pipe.tokenizer("a heron")["input_ids"] == LensPipeline.from_pretrained(tiny_checkpoint, device="cpu").tokenizer("a heron")["input_ids"]
+    assert torch.isfinite(pipe("a heron", height=32, width=32, num_inference_steps=2, seed=1, output_type="pt").images).all()
+
+
+def test_mxfp8_dit_and_resume(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "models"
+    assert main(["convert", str(tiny_checkpoint), "--out", str(out), "--dit-format", "mxfp8"]) == 0
+    dit = out / "diffusion_models" / "lens_mxfp8.safetensors"
+    loaded = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", files={"transformer": dit})
+    folder = _folder_state(tiny_checkpoint / "transformer")
+    w = loaded.transformer.state_dict()["transformer_blocks.0.img_mlp.w1.weight"]
+    assert (w - folder["transformer_blocks.0.img_mlp.w1.weight"]).abs().max() <= folder["transformer_blocks.0.img_mlp.w1.weight"].abs().max() / 8
+    capsys.readouterr()
+    with open(out / "vae" / "flux2-vae.safetensors", "r+b") as f:  # an interrupted write left a torn file
+        f.truncate(1000)
+    assert main(["convert", str(tiny_checkpoint), "--out", str(out), "--dit-format", "mxfp8"]) == 0
+    said = capsys.readouterr().err
+    assert said.count("already converted") == 2 and "writing" in said and "flux2-vae" in said
+    assert single_file.kind(out / "vae" / "flux2-vae.safetensors") == "vae"
+    assert not list(out.rglob("*.partial"))
+
+
+def test_bfl_names_are_the_reference_mapping_and_round_trip():
+    from test_single_file import _bfl
+
+    from lensrun.configs import FULL_VAE_CONFIG, vae_meta_state
+
+    names = list(vae_meta_state(FULL_VAE_CONFIG))
+    up = 1 + max(int(k.split(".")[2]) for k in names if k.startswith("decoder.up_blocks."))
+    assert all(bfl_name(k, up) == _bfl(k, up) for k in names)
+    assert all(single_file.vae_name(bfl_name(k, up), up) == k for k in names)
