@@ -52,12 +52,24 @@ def test_mxfp8_dit_and_resume(tiny_checkpoint, tmp_path, capsys):
     assert not list(out.rglob("*.partial"))
 
 
-def test_bfl_names_are_the_reference_mapping_and_round_trip():
-    from test_single_file import _bfl
-
+def test_bfl_names_follow_the_format_and_round_trip():
+    """COMFY_FORMATS.md §4's mapping, one example per rule, and the loader's mapping undoes it for every key."""
     from lensrun.configs import FULL_VAE_CONFIG, vae_meta_state
 
+    examples = {
+        "encoder.conv_norm_out.weight": "encoder.norm_out.weight",
+        "quant_conv.weight": "encoder.quant_conv.weight",
+        "post_quant_conv.bias": "decoder.post_quant_conv.bias",
+        "encoder.down_blocks.1.resnets.0.conv_shortcut.weight": "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down_blocks.2.downsamplers.0.conv.weight": "encoder.down.2.downsample.conv.weight",
+        "decoder.up_blocks.0.resnets.1.conv1.weight": "decoder.up.3.block.1.conv1.weight",
+        "decoder.up_blocks.2.upsamplers.0.conv.weight": "decoder.up.1.upsample.conv.weight",
+        "decoder.mid_block.resnets.1.norm2.weight": "decoder.mid.block_2.norm2.weight",
+        "encoder.mid_block.attentions.0.to_out.0.weight": "encoder.mid.attn_1.proj_out.weight",
+        "decoder.mid_block.attentions.0.group_norm.bias": "decoder.mid.attn_1.norm.bias",
+        "decoder.mid_block.attentions.0.to_k.weight": "decoder.mid.attn_1.k.weight",
+        "bn.running_mean": "bn.running_mean",
+    }
+    assert {k: bfl_name(k, 4) for k in examples} == examples
     names = list(vae_meta_state(FULL_VAE_CONFIG))
-    up = 1 + max(int(k.split(".")[2]) for k in names if k.startswith("decoder.up_blocks."))
-    assert all(bfl_name(k, up) == _bfl(k, up) for k in names)
-    assert all(single_file.vae_name(bfl_name(k, up), up) == k for k in names)
+    assert all(single_file.vae_name(bfl_name(k, 4), 4) == k for k in names)

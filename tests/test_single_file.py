@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lensrun import LensPipeline, single_file
 from lensrun.cli import main
+from lensrun.convert import bfl_name
 
 SMALL = {"height": 32, "width": 48, "num_inference_steps": 2}
 
@@ -94,29 +95,6 @@ def _dit_file(tiny_checkpoint, path, fmt="bf16", prefix="model.diffusion_model."
     return refs
 
 
-def _bfl(name: str, up_blocks: int) -> str:
-    """diffusers → BFL names of the FLUX.2 VAE (the test's own inverse of the loader's rules)."""
-    name = name.replace("conv_shortcut", "nin_shortcut")
-    rules = [
-        (r"^quant_conv\.", "encoder.quant_conv."), (r"^post_quant_conv\.", "decoder.post_quant_conv."),
-        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    ]  # fmt: skip
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0\.conv)\.(.*)$", name)
-    if m:
-        k = up_blocks - 1 - int(m[1])
-        name = f"decoder.up.{k}.block.{m[3]}.{m[4]}" if m[3] is not None else f"decoder.up.{k}.upsample.conv.{m[4]}"
-    return name
-
-
 def _vae_file(tiny_checkpoint, path):
     state = _state(tiny_checkpoint / "vae")
     up = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
@@ -126,7 +104,7 @@ def _vae_file(tiny_checkpoint, path):
             continue  # ComfyUI's file may lack it; the loader fills it in
         if ".attentions.0.to_" in key and key.endswith("weight"):
             t = t[:, :, None, None]  # BFL's attention projections are 1×1 convolutions
-        out[_bfl(key, up)] = t
+        out[bfl_name(key, up)] = t
     save_file(out, path)
     assert "encoder.down.0.block.0.conv1.weight" in out and "decoder.up.0.block.0.conv1.weight" in out
 
@@ -471,7 +449,7 @@ def _full_vae_spec() -> dict:
         if name == "bn.num_batches_tracked":
             continue
         shape = (*t.shape, 1, 1) if ".attentions.0.to_" in name and name.endswith("weight") else tuple(t.shape)
-        spec[_bfl(name, up)] = ("F32", shape)
+        spec[bfl_name(name, up)] = ("F32", shape)
     return spec
 
 
