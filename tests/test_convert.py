@@ -73,3 +73,29 @@ def test_bfl_names_follow_the_format_and_round_trip():
     assert {k: bfl_name(k, 4) for k in examples} == examples
     names = list(vae_meta_state(FULL_VAE_CONFIG))
     assert all(single_file.vae_name(bfl_name(k, 4), 4) == k for k in names)
+
+
+def test_comfy_files_back_to_a_diffusers_folder(tiny_checkpoint, tmp_path, capsys):
+    """And back: DiT and VAE as the files hold them, the encoder's NVFP4 experts re-quantized to MXFP4, tokenizer
+    from the file; the folder loads, and a resumed conversion writes only what is missing."""
+    from lensrun.convert import to_diffusers
+
+    files = to_comfy(str(tiny_checkpoint), tmp_path / "models")
+    back = to_diffusers(files, tmp_path / "Lens-back", configs_from=tiny_checkpoint)
+    single = LensPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", files=files)
+    folder = LensPipeline.from_pretrained(back, dtype=torch.float32, device="cpu")
+    for a, b in ((single.transformer, folder.transformer), (single.vae, folder.vae)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    nv = single.text_encoder.layers[0].mlp.experts.decoded("gate_up_proj", slice(0, 4), torch.float32)
+    mx = folder.text_encoder.layers[0].mlp.experts.decoded("gate_up_proj", slice(0, 4), torch.float32)
+    assert ((nv - mx).norm() / nv.norm()) < 0.15  # two 4-bit formats: one re-quantization apart
+    assert single.tokenizer("a heron")["input_ids"] == folder.tokenizer("a heron")["input_ids"]
+    import shutil
+
+    shutil.rmtree(back / "vae")
+    (back / "model_index.json").unlink()
+    capsys.readouterr()
+    to_diffusers(files, back, configs_from=tiny_checkpoint, notify=print)
+    said = capsys.readouterr().out
+    assert said.count("already converted") == 4 and "vae" in said.split("writing")[1]
+    assert (back / "model_index.json").is_file() and not list(back.glob(".*.partial"))

@@ -79,9 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="compile before listening (otherwise requests run eagerly while it compiles on a side thread)")
     _options(srv, EngineOptions)
 
-    conv = sub.add_parser("convert", help="write a diffusers-layout Lens folder as ComfyUI's single files")
-    conv.add_argument("model", help="diffusers folder or Hub repo id")
-    conv.add_argument("--out", required=True, help="ComfyUI models folder to write (diffusion_models/, vae/, text_encoders/)")
+    conv = sub.add_parser("convert", help="a diffusers-layout Lens folder as ComfyUI's single files, or back")
+    conv.add_argument("model", help="diffusers folder or Hub repo id (→ ComfyUI files), or a ComfyUI models folder (→ diffusers)")
+    conv.add_argument("--out", required=True, help="the folder to write")
     conv.add_argument("--dit-format", choices=("bf16", "mxfp8"), default="bf16", help="the DiT file's format")
     conv.add_argument("--device", default="cpu", help="where to re-quantize (cuda is much faster at full size)")
 
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             serve(**kwargs)
             return 0
         elif args.command == "convert":
-            from lensrun.convert import to_comfy
+            from lensrun.convert import convert
 
-            for path in to_comfy(kwargs["model"], kwargs["out"], kwargs["dit_format"], kwargs["device"], _notify).values():
+            for path in convert(kwargs["model"], kwargs["out"], kwargs["dit_format"], kwargs["device"], _notify):
                 print(path)
             return 0
         elif args.command == "replay":

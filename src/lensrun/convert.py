@@ -1,12 +1,15 @@
-"""``lensrun convert MODEL --out DIR``: a diffusers-layout Lens checkpoint as ComfyUI's single files.
+"""``lensrun convert MODEL --out DIR``: between a diffusers-layout Lens folder and ComfyUI's single files.
 
-Writes ``DIR/diffusion_models/lens[_turbo|_base]_{bf16|mxfp8}.safetensors``, ``DIR/vae/flux2-vae.safetensors``
+A diffusers folder in (``to_comfy``) writes ``DIR/diffusion_models/lens[_turbo|_base]_{bf16|mxfp8}.safetensors``, ``DIR/vae/flux2-vae.safetensors``
 (original BFL names, 1×1 attention convolutions) and ``DIR/text_encoders/gpt_oss_20b_nvfp4.safetensors``
 (OpenAI's MXFP4 experts decoded and re-quantized to NVFP4 as ComfyUI's file is: per-expert fp32 scale
 amax/(6·448), e4m3 scale per 16 inputs in the cuBLAS block layout, codes high nibble first; the tokenizer inside),
 in the layouts of ``../shared/COMFY_FORMATS.md`` — so ComfyUI and lensrun can share one copy (``--model DIR``).
-Each file is written under a temporary name and renamed; a file already there and readable as its part is
-kept, so an interrupted conversion resumes where it stopped.
+A ComfyUI models folder in (``to_diffusers``) writes the diffusers layout back: the DiT in bf16 (MXFP8 decoded
+exactly), the VAE under diffusers names, the encoder's NVFP4 experts decoded and re-quantized to MXFP4 (the
+folder format GPT-OSS ships; lossy, as every re-quantization), the tokenizer from the file, the published
+scheduler and configs. Each file or folder is written under a temporary name and renamed; what is already
+there and complete is kept, so an interrupted conversion resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import functools
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +33,19 @@ from lensrun.request import infer_variant
 
 DIT_PREFIX = "model.diffusion_model."
 FORMATS = ("bf16", "mxfp8")
+
+
+PARTS = ("transformer", "text_encoder", "vae")
+
+
+def convert(model: str, out: str | Path, dit: str = "bf16", device: str = "cpu", notify=None) -> list[Path]:
+    """The other layout of ``model``: a ComfyUI models folder becomes a diffusers folder, anything else
+    (a diffusers folder, a Hub repo id) ComfyUI's files. Returns what was written."""
+    comfy = single_file.comfy_models_dir(Path(model))
+    if comfy is not None:
+        files = single_file.comfy_parts(comfy, None, dict.fromkeys(PARTS))
+        return [to_diffusers(files, out, device=device, notify=notify)]
+    return list(to_comfy(model, out, dit, device, notify).values())
 
 
 def to_comfy(model: str, out: str | Path, dit: str = "bf16", device: str = "cpu", notify=None) -> dict[str, Path]:
@@ -191,3 +208,88 @@ def _text_encoder(root: Path, device: str) -> dict[str, torch.Tensor]:
                 out[bank + ".weight_scale"], out[bank + ".comfy_quant"] = stored.cpu(), _record("nvfp4")
     out["tokenizer_json"] = torch.tensor(list((root / "tokenizer" / "tokenizer.json").read_bytes()), dtype=torch.uint8)
     return out
+
+
+def to_diffusers(
+    files: dict[str, Path], out: str | Path, configs_from: Path | None = None, device: str = "cpu", notify=None
+) -> Path:
+    """ComfyUI's three files (``files``: transformer, text_encoder, vae) as a diffusers-layout folder ``out``;
+    configs from ``configs_from`` (a diffusers folder) or the published Lens ones. ``model_index.json`` is written
+    last: it marks a complete folder."""
+    from lensrun import configs
+    from lensrun.configs import LENS_SCHEDULER_CONFIG, MODEL_INDEX
+
+    say = notify or (lambda message: None)
+
+    def config(part: str, full: dict) -> dict:
+        path = configs_from / part / "config.json" if configs_from is not None else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else dict(full)
+
+    t_cfg = config("transformer", configs.FULL_TRANSFORMER_CONFIG)
+    v_cfg = config("vae", configs.FULL_VAE_CONFIG)
+    te_cfg = config("text_encoder", configs.FULL_TEXT_ENCODER_CONFIG)
+    parts = {
+        "transformer": lambda d: _dit_folder(files["transformer"], t_cfg, d, device),
+        "vae": lambda d: _vae_folder(files["vae"], v_cfg, d),
+        "text_encoder": lambda d: _encoder_folder(files["text_encoder"], te_cfg, d, device),
+        "tokenizer": lambda d: single_file.read_tokenizer(files["text_encoder"]).save_pretrained(d),
+        "scheduler": lambda d: (d / "scheduler_config.json").write_text(json.dumps(LENS_SCHEDULER_CONFIG, indent=1)),
+    }
+    out = Path(out)
+    for name, write in parts.items():
+        target = out / name
+        if target.is_dir():
+            say(f"{target}: already converted")
+            continue
+        say(f"writing {target} …")
+        partial = out / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write(partial)
+        os.replace(partial, target)
+    from lensrun.metadata import write_atomic
+
+    write_atomic(out / "model_index.json", lambda f: f.write(json.dumps(MODEL_INDEX, indent=1).encode()))
+    return out
+
+
+def _dit_folder(path: Path, cfg: dict, folder: Path, device: str) -> None:
+    from lensrun.configs import transformer_meta_state
+
+    meta = transformer_meta_state({k: v for k, v in cfg.items() if not k.startswith("_")})
+    quantized = single_file.check_dit(path, meta)
+    tensors = dict(single_file.dit_tensors(path, meta, quantized, device, torch.bfloat16))
+    _write_part(folder, "diffusion_pytorch_model", tensors, {"_class_name": "LensTransformer2DModel", **cfg})
+
+
+def _vae_folder(path: Path, cfg: dict, folder: Path) -> None:
+    from lensrun.configs import vae_meta_state
+
+    _write_part(folder, "diffusion_pytorch_model", single_file.read_vae(path, vae_meta_state(cfg)), {"_class_name": "AutoencoderKLFlux2", **cfg})
+
+
+def _encoder_folder(path: Path, cfg: dict, folder: Path, device: str) -> None:
+    """GPT-OSS's own names (``model.`` prefix) with MXFP4 experts: each NVFP4 bank decoded, then re-quantized."""
+    from lensrun import mxfp4, nvfp4
+    from lensrun.models.text_encoder import LensTextEncoder, gpt_oss_config
+
+    config = gpt_oss_config(cfg)
+    expected = LensTextEncoder._build_meta(config, (config.num_hidden_layers - 1,), experts="nvfp4").state_dict()
+    tensors = single_file.read_text_encoder(path, expected, device)
+    out = {}
+    for key, t in tensors.items():
+        m = re.match(r"(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)\.(weight|weight_scale|weight_scale_2|bias)$", key)
+        if m is None:
+            out["model." + key] = t.to(torch.bfloat16)
+        elif m[3] == "bias":
+            out[f"model.{m[1]}.{m[2]}_bias"] = t.to(torch.bfloat16)
+        elif m[3] == "weight":
+            bank = f"{m[1]}.{m[2]}"
+            weight = nvfp4.dequantize(t, tensors[bank + ".weight_scale"], tensors[bank + ".weight_scale_2"], torch.float32)
+            out[f"model.{bank}_blocks"], out[f"model.{bank}_scales"] = mxfp4.quantize(weight)
+    _write_part(folder, "model", out, cfg)
+
+
+def _write_part(folder: Path, stem: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, folder / f"{stem}.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
