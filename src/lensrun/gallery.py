@@ -191,7 +191,10 @@ class GalleryRun:
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        device = torch.device(options.device) if options.device else resolve_device(None)  # a Ray driver may lack it
+        try:  # a Ray driver may lack the device its workers use: only the name is checked here
+            device = torch.device(options.device) if options.device else resolve_device(None)
+        except RuntimeError:
+            raise LensrunError(f"unknown device '{options.device}': use cpu, cuda or cuda:N") from None
         dtype = str(resolve_dtype(options.dtype, device)).removeprefix("torch.")
         done_hashes = set(_finished(out))
         images = plan_images(entries, options, dtype)
