@@ -203,3 +203,49 @@ def test_engine_compiled_stream_plan_matches_resident(gpu_pipe):
 
     a, b = np.asarray(resident.image, dtype=np.int16), np.asarray(streamed.image, dtype=np.int16)
     assert np.abs(a - b).max() <= 2
+
+
+def test_background_compilation_on_cuda_switches_between_runs():
+    """A real compilation on its side thread while a run goes eagerly on the GPU; the run after it is compiled
+    and gives the eager image (within bf16 kernel differences)."""
+    import numpy as np
+
+    from lensrun import LensPipeline
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    engine = Engine(LensPipeline.tiny_random(device="cuda"), EngineOptions(model="tiny-random", compile=True))
+    request = engine.request(prompt="a lantern on a pier", seed=3, height=64, width=96, steps=3)
+    engine.compile_ahead([request])
+    [eager] = engine.run([Task(request)])
+    assert engine.compiling is not None or engine.pipe.compiled
+    if engine.compiling is not None:
+        assert engine.compiling.wait(300) and engine.compiling.error is None
+    [compiled] = engine.run([Task(request)])
+    assert compiled.report["compiled"] and engine.pipe.compiled
+    a, b = np.asarray(eager.image, dtype=np.int16), np.asarray(compiled.image, dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_auto_attention_through_the_engine_is_recorded():
+    from lensrun import LensPipeline, attention
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    engine = Engine(LensPipeline.tiny_random(device="cuda"), EngineOptions(model="tiny-random", compile=False))
+    [result] = engine.run([Task(engine.request(prompt="a kite", seed=1, height=64, width=64, steps=2))])
+    expected, _ = attention.resolve("auto", "bf16", torch.device("cuda"))
+    assert result.config["attention"] == expected == engine.pipe.transformer.attention_backend
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cfg_parallel_over_nccl_gives_the_one_gpu_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lensrun import api
+
+    options = {"model": "tiny-random", "height": 64, "width": 96, "steps": 3, "seed": 5, "compile": False}
+    one = api.generate("a heron", out=tmp_path / "one", **options)
+    two = api.generate("a heron", out=tmp_path / "two", gpus=2, **options)
+    assert np.array_equal(np.asarray(Image.open(one[0])), np.asarray(Image.open(two[0])))
