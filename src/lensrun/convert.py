@@ -218,16 +218,12 @@ def to_diffusers(
     last: it marks a complete folder."""
     from lensrun import configs
     from lensrun.configs import LENS_SCHEDULER_CONFIG, MODEL_INDEX
+    from lensrun.loading import component_config
 
     say = notify or (lambda message: None)
-
-    def config(part: str, full: dict) -> dict:
-        path = configs_from / part / "config.json" if configs_from is not None else None
-        return json.loads(path.read_text()) if path is not None and path.is_file() else dict(full)
-
-    t_cfg = config("transformer", configs.FULL_TRANSFORMER_CONFIG)
-    v_cfg = config("vae", configs.FULL_VAE_CONFIG)
-    te_cfg = config("text_encoder", configs.FULL_TEXT_ENCODER_CONFIG)
+    t_cfg = component_config(configs_from, "transformer", configs.FULL_TRANSFORMER_CONFIG)
+    v_cfg = component_config(configs_from, "vae", configs.FULL_VAE_CONFIG)
+    te_cfg = component_config(configs_from, "text_encoder", configs.FULL_TEXT_ENCODER_CONFIG)
     parts = {
         "transformer": lambda d: _dit_folder(files["transformer"], t_cfg, d, device),
         "vae": lambda d: _vae_folder(files["vae"], v_cfg, d),

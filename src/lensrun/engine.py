@@ -113,7 +113,7 @@ def model_sizes(model: str, root: Path | None, experts: str = "mxfp4") -> memory
         return memory.ComponentSizes.from_configs(
             configs.TINY_TRANSFORMER_CONFIG, configs.TINY_TEXT_ENCODER_CONFIG, configs.TINY_VAE_CONFIG
         )
-    from lensrun.loading import read_json
+    from lensrun.loading import component_config
 
     full = {
         "transformer": configs.FULL_TRANSFORMER_CONFIG, "vae": configs.FULL_VAE_CONFIG,
@@ -121,9 +121,7 @@ def model_sizes(model: str, root: Path | None, experts: str = "mxfp4") -> memory
     }  # fmt: skip
 
     def read(part: str) -> dict:  # a part given as a single file may have no folder: the published shapes
-        path = root / part / "config.json" if root is not None else None
-        config = read_json(path) if path is not None and path.is_file() else full[part]
-        return {k: v for k, v in config.items() if not k.startswith("_")}
+        return {k: v for k, v in component_config(root, part, full[part]).items() if not k.startswith("_")}
 
     vae = {k: v for k, v in read("vae").items() if k != "force_upcast"}
     try:

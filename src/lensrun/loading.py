@@ -87,6 +87,13 @@ def read_json(path: Path) -> dict:
     return data
 
 
+
+def component_config(root: Path | None, part: str, full: dict) -> dict:
+    """The folder's config for a component, or the published Lens one when the component comes from a single
+    file with no folder beside it (all Lens variants share the shapes; the file's shapes are checked)."""
+    path = root / part / "config.json" if root is not None else None
+    return read_json(path) if path is not None and path.is_file() else {**full}
+
 def safetensor_files(folder: Path) -> list[Path]:
     """The folder's safetensors shards; pickle-only folders are refused, never opened."""
     files = sorted(folder.glob("*.safetensors"))

@@ -139,8 +139,8 @@ class LensPipeline:
             from lensrun.models.text_encoder import LensTextEncoder
             from lensrun.models.transformer_lens import LensTransformer2DModel
 
-            t_config = _init_kwargs(_component_config(root, "transformer", FULL_TRANSFORMER_CONFIG))
-            v_config = vae_init_kwargs(_component_config(root, "vae", FULL_VAE_CONFIG))
+            t_config = _init_kwargs(loading.component_config(root, "transformer", FULL_TRANSFORMER_CONFIG))
+            v_config = vae_init_kwargs(loading.component_config(root, "vae", FULL_VAE_CONFIG))
             t_meta, v_meta = transformer_meta_state(t_config), vae_meta_state(v_config)
             for part, meta in (("transformer", t_meta), ("vae", v_meta)):
                 if part not in files:
@@ -678,15 +678,8 @@ def _comfy_text_encoder(root: Path | None, path: Path, layers: tuple[int, ...], 
     from lensrun.configs import FULL_TEXT_ENCODER_CONFIG
     from lensrun.models.text_encoder import LensTextEncoder
 
-    config = _component_config(root, "text_encoder", FULL_TEXT_ENCODER_CONFIG)
+    config = loading.component_config(root, "text_encoder", FULL_TEXT_ENCODER_CONFIG)
     return LensTextEncoder.from_comfy_file(path, config, layers, dtype, device), single_file.read_tokenizer(path)
-
-
-def _component_config(root: Path | None, part: str, full: dict) -> dict:
-    """The folder's config for a component, or the published Lens one when the component comes from a single
-    file with no folder beside it (all Lens variants share the shapes; the file's shapes are checked)."""
-    path = root / part / "config.json" if root is not None else None
-    return loading.read_json(path) if path is not None and path.is_file() else {**full}
 
 
 def _assemble(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
