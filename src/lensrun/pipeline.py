@@ -419,11 +419,11 @@ class LensPipeline:
         img_shapes = [(1, *req.grid)]
         sigmas, timesteps = self._schedule(req)
         conditioning = self.transformer.conditioning(timesteps)
-        if self.parallel is not None and self.parallel.mode == "sequence":
-            return self._denoise_sequence_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
-        if self.parallel is not None and uncond is not None:
+        # Sequence-parallel: this rank's slice of the image tokens runs the loop below, gathered at the end.
+        sequence = self.parallel is not None and self.parallel.mode == "sequence"
+        if self.parallel is not None and not sequence and uncond is not None:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
-        if self.graph_steps and not req.cache:
+        if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
                 sig = torch.tensor(sigmas, dtype=torch.float32, device=self.device)
                 out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
@@ -435,12 +435,15 @@ class LensPipeline:
             self.graph_steps = False
         from lensrun.models.transformer_lens import FirstBlockCache
 
-        caches = [FirstBlockCache(req.cache), FirstBlockCache(req.cache)] if req.cache else [None, None]
+        cache = None if sequence else req.cache  # a block skipped on one rank only would desync the exchanges
+        caches = [FirstBlockCache(cache), FirstBlockCache(cache)] if cache else [None, None]
+        if sequence:
+            latents = self.parallel.shard(latents)
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):
                 t = timesteps[i : i + 1]
                 step_cond = conditioning.select(i)
-                if uncond is not None and not req.cache:
+                if uncond is not None and not cache:
                     # Both branches block by block: a block's weights are read (or streamed) once per step.
                     v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond)
                     v = guided_velocity(v.float(), v_u.float(), req.cfg)
@@ -456,10 +459,10 @@ class LensPipeline:
                 latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                 if on_step is not None:
                     on_step(i + 1, req.steps)
-        if stats is not None and req.cache:
+        if stats is not None and cache:
             for name in ("skipped", "computed"):
                 stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + sum(getattr(c, name) for c in caches)
-        return latents
+        return self.parallel.unshard(latents) if sequence else latents
 
     def _denoise_cfg_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
         """Each rank computes its branch's velocity (rank 0 conditional, rank 1 unconditional) exactly as one GPU
@@ -475,26 +478,6 @@ class LensPipeline:
                 if on_step is not None:
                     on_step(i + 1, req.steps)
         return latents
-
-    def _denoise_sequence_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
-        """This rank's slice of the image tokens through every step (both CFG branches block by block, as on
-        one GPU); the slices are gathered once, at the end."""
-        group = self.parallel
-        local = group.shard(latents)
-        img_shapes = [(1, *req.grid)]
-        with acceleration.attention_kernels(self.device):
-            for i in range(req.steps):
-                t = timesteps[i : i + 1]
-                step_cond = conditioning.select(i)
-                if uncond is not None:
-                    v, v_u = self.transformer.forward_branches(local, [cond, uncond], t, img_shapes, step_cond)
-                    v = guided_velocity(v.float(), v_u.float(), req.cfg)
-                else:
-                    v = self.transformer(local, cond, None, t, img_shapes, step_conditioning=step_cond).sample
-                local = euler_step(local, v, sigmas[i], sigmas[i + 1])
-                if on_step is not None:
-                    on_step(i + 1, req.steps)
-        return group.unshard(local)
 
     @torch.inference_mode()
     def denoise_reference(
