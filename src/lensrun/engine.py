@@ -308,10 +308,7 @@ class Engine:
         until it is done); ``wait``: block until it is done and switch to it."""
         say = notify or (lambda message: None)
         self.background_compile = True
-        plans, _ = self.plans(requests, compiled=True)
-        if not self.decide_compile(requests, plans[0]).compile:
-            return
-        self._apply(plans[0], True, say)
+        self._prepare(requests, None, say)  # plans, decides and applies as a run would: compiling starts there
         if wait and self.compiling is not None:
             start = time.perf_counter()
             self.compiling.wait()
