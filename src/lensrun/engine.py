@@ -287,7 +287,7 @@ class Engine:
 
         per_group = 1 if self.pipe.plan.placement == "resident" else GROUP_IMAGES
         try:
-            for group in _groups([r for r in run.results if r.error is None], per_group):
+            for group in size_groups([r for r in run.results if r.error is None], per_group):
                 bar.set_description("denoising")
                 run.denoise(group, step)
                 bar.set_description("decoding")
@@ -458,13 +458,14 @@ def plans_for(
     return [plan, *fallbacks], why
 
 
-def _groups(results: list[Result], size: int) -> list[list[Result]]:
-    """Same-size images together (a compiled shape or captured step graph is reused), at most ``size`` a group:
-    a resident plan decodes each image as soon as it is denoised (nothing to move between phases); a phased
-    plan denoises up to GROUP_IMAGES before the VAE comes in."""
-    by_size: dict[tuple[int, int], list[Result]] = {}
-    for r in results:
-        by_size.setdefault((r.task.request.height, r.task.request.width), []).append(r)
+def size_groups(items: list, size: int, request_of: Callable = lambda r: r.task.request) -> list[list]:
+    """Same-size images together (a compiled shape or captured step graph is reused), in order, at most ``size``
+    a group: a run's results (a resident plan decodes each image as soon as it is denoised; a phased plan
+    denoises up to GROUP_IMAGES before the VAE comes in), or a Ray gallery's chunks."""
+    by_size: dict[tuple[int, int], list] = {}
+    for item in items:
+        request = request_of(item)
+        by_size.setdefault((request.height, request.width), []).append(item)
     return [g[i : i + size] for g in by_size.values() for i in range(0, len(g), size)]
 
 

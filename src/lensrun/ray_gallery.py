@@ -64,7 +64,9 @@ class RayGallery:
         import ray
 
         remote = ray.remote(num_gpus=self.gpus_each)(GalleryWorker)
-        self.todo = [_Chunk(c) for c in _chunks(self.run.pending)]
+        from lensrun.engine import size_groups
+
+        self.todo = [_Chunk(c) for c in size_groups(self.run.pending, CHUNK_IMAGES, lambda image: image[1])]
         actors = [remote.remote(self.run.options) for _ in range(min(self.workers, len(self.todo)))]
         busy: dict = {}  # future → (actor, chunk, tasks)
         while self.todo or busy:
@@ -98,14 +100,6 @@ class RayGallery:
             self.todo.insert(0, chunk)
             self.notify(f"a worker was lost ({reason}); its {len(chunk.images)} image(s) go to a new worker")
         return remote.remote(self.run.options)
-
-
-def _chunks(images: list) -> list[list]:
-    """Same-size images together (an engine reuses its compiled shapes), CHUNK_IMAGES at most."""
-    by_size: dict[tuple[int, int], list] = {}
-    for image in images:
-        by_size.setdefault((image[1].height, image[1].width), []).append(image)
-    return [g[i : i + CHUNK_IMAGES] for g in by_size.values() for i in range(0, len(g), CHUNK_IMAGES)]
 
 
 def run_gallery_ray(
