@@ -150,6 +150,7 @@ class Engine:
         self.background_compile = False
         self.compiling = None  # the background compilation under way (lensrun.background_compile)
         self.compile_error: str | None = None  # why a background compilation failed: runs stay eager
+        self._attention_for: tuple | None = None  # (asked backend, precision) the current backend was resolved for
         self._writer: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------------ construction
@@ -357,9 +358,14 @@ class Engine:
         self._attention(plan, say)
 
     def _attention(self, plan: memory.Plan, say) -> None:
-        """The attention backend for this plan's precision (``lensrun.attention.resolve``), said when it changes."""
+        """The attention backend for this plan's precision (``lensrun.attention.resolve``), said when it changes;
+        resolved again only when the asked backend or the precision changes (not on every run of a server)."""
         from lensrun import attention
 
+        key = (self.options.attention, plan.precision)
+        if key == self._attention_for:
+            return
+        self._attention_for = key
         backend, why = attention.resolve(self.options.attention, plan.precision, self.device)
         if backend != self.pipe.transformer.attention_backend:
             self.pipe.transformer.set_attention_backend(backend)
