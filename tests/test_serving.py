@@ -162,10 +162,10 @@ def test_replicas_take_batches_from_one_queue_and_keep_each_image(tmp_path):
 
 def test_replica_devices_are_checked_before_loading():
     from lensrun.errors import LensrunError
-    from lensrun.server import replica_devices
+    from lensrun.parallel import device_per_gpu
 
-    assert replica_devices("cpu", 3) == ["cpu", "cpu", "cpu"] and replica_devices(None, 1) == [None]
+    assert device_per_gpu("--replicas", 3, "cpu") == ["cpu", "cpu", "cpu"] and device_per_gpu("--replicas", 1, None) == [None]
     with pytest.raises(LensrunError, match="leave --device out"):
-        replica_devices("cuda:1", 2)
+        device_per_gpu("--replicas", 2, "cuda:1")
     with pytest.raises(LensrunError, match="needs 64 GPUs"):
-        replica_devices(None, 64)
+        device_per_gpu("--replicas", 64, None)

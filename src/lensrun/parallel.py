@@ -125,21 +125,29 @@ ONE_GPU_INSTEAD = ("CFG 1 (Turbo) has no second branch to put on the other GPU, 
                    "measured slower than one GPU (docs/scale-out.md): running on one GPU")  # fmt: skip
 
 
+def device_per_gpu(flag: str, count: int, device: str | None) -> list[str | None]:
+    """One device for each of ``count`` workers or engines (``flag`` names the option in errors): cuda:0… on a
+    GPU machine, checked against its GPU count before any work; the CPU when ``device`` is cpu (tests)."""
+    if count < 1:
+        raise LensrunError(f"{flag} must be 1 or more, got {count}")
+    if count == 1:
+        return [device]
+    if device == "cpu":
+        return ["cpu"] * count
+    if device not in (None, "cuda"):
+        raise LensrunError(f"{flag} {count} places one on each of cuda:0…cuda:{count - 1}; leave --device out (or cpu for a test)")
+    found = torch.cuda.device_count()
+    if found < count:
+        raise LensrunError(f"{flag} {count} needs {count} GPUs; this machine has {found}")
+    return [f"cuda:{i}" for i in range(count)]
+
+
 def check_gpus(gpus: int, device: str | None) -> None:
     """A clear error before any work: 2 GPUs (CFG-parallel) and this machine has them."""
-    if gpus < 1:
-        raise LensrunError(f"gpus must be 1 or more, got {gpus}")
-    if gpus == 1:
-        return
-    if gpus != 2:
+    if gpus > 2:
         raise LensrunError(f"--gpus {gpus}: one image runs on 1 or 2 GPUs (CFG-parallel); splitting it further "
                            "(sequence parallelism) measured slower than one GPU, see docs/scale-out.md")  # fmt: skip
-    if device not in (None, "cuda", "cpu"):
-        raise LensrunError(f"--gpus {gpus} places its workers on cuda:0…cuda:{gpus - 1}; leave --device out (or cpu for a test)")
-    if device != "cpu":
-        found = torch.cuda.device_count()
-        if found < gpus:
-            raise LensrunError(f"--gpus {gpus} asked for, but this machine has {found} CUDA GPU(s)")
+    device_per_gpu("--gpus", gpus, device)
 
 
 def mode_for(tasks, gpus: int) -> str:
@@ -159,9 +167,9 @@ def mode_for(tasks, gpus: int) -> str:
 def launch(options, tasks: list, notify=None, progress: bool = False, mode: str | None = None) -> None:
     """Run ``tasks`` (their PNG paths set) on ``options.gpus`` worker processes; returns when every PNG is written.
     ``mode``: 'cfg' or 'sequence' (default: ``mode_for``). A worker's error ends the run with that error."""
-    import torch.multiprocessing as mp
-
     import pickle
+
+    import torch.multiprocessing as mp
 
     world = options.gpus
     chosen = mode_for(tasks, world)

@@ -469,24 +469,6 @@ class LensrunServer(uvicorn.Server):
         self.notify(f"lensrun: shutting down: {failed} queued job(s) failed, {cancelled} running job(s) cancelled")
 
 
-def replica_devices(device: str | None, replicas: int) -> list[str | None]:
-    """One device per replica: cuda:0… on a GPU machine (checked against the GPU count), the CPU for tests."""
-    if replicas < 1:
-        raise LensrunError(f"--replicas must be 1 or more, got {replicas}")
-    if replicas == 1:
-        return [device]
-    if device == "cpu":
-        return ["cpu"] * replicas
-    if device not in (None, "cuda"):
-        raise LensrunError(f"--replicas {replicas} places one engine on each of cuda:0…cuda:{replicas - 1}; leave --device out")
-    import torch
-
-    found = torch.cuda.device_count()
-    if found < replicas:
-        raise LensrunError(f"--replicas {replicas} needs {replicas} GPUs; this machine has {found}")
-    return [f"cuda:{i}" for i in range(replicas)]
-
-
 def port_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be served (checked before the model loads), or None."""
     import socket
@@ -519,6 +501,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
 
     from lensrun.api import one_gpu_only
     from lensrun.engine import model_variant, resolve_device
+    from lensrun.parallel import device_per_gpu
     from lensrun.request import EngineOptions
 
     problem = port_problem(host, port)
@@ -529,7 +512,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
         notify(warning)
     opts = EngineOptions(**options).resolved()
     one_gpu_only(opts, "the server")
-    devices = replica_devices(opts.device, replicas)  # before any weight is read
+    devices = device_per_gpu("--replicas", replicas, opts.device)  # before any weight is read
     if opts.compile is None and resolve_device(opts.device).type == "cuda":
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
     first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
