@@ -57,7 +57,12 @@ def _torchao_config(precision: str):
 
 def quantizable(module: nn.Module, fqn: str) -> bool:
     """Block linears only (QKV, attention outputs, MLPs); never ``img_mod``/``txt_mod``."""
-    return isinstance(module, nn.Linear) and fqn.startswith("transformer_blocks.") and "_mod" not in fqn
+    return isinstance(module, nn.Linear) and quantizable_name(fqn)
+
+
+def quantizable_name(fqn: str) -> bool:
+    """The name test of ``quantizable``, for checkpoint keys (``lensrun convert``'s MXFP8 DiT)."""
+    return fqn.startswith("transformer_blocks.") and "_mod" not in fqn
 
 
 def quantize_transformer(transformer: nn.Module, precision: str) -> None:

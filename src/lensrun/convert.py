@@ -110,12 +110,13 @@ def _record(fmt: str) -> torch.Tensor:
 
 def _dit(root: Path, device: str, fmt: str) -> dict[str, torch.Tensor]:
     """Bare diffusers names under ``model.diffusion_model.``; MXFP8: every block linear but the modulation."""
+    from lensrun.acceleration import quantizable_name
+
     out = {}
     with _tensors(root / "transformer", device) as tensors:
         for key, load in tensors.items():
             t, layer = load(), key.rsplit(".", 1)[0]
-            block_linear = key.startswith("transformer_blocks.") and "_mod" not in key and t.dim() == 2
-            if fmt == "mxfp8" and block_linear and key.endswith(".weight"):  # lensrun's quantizable linears too
+            if fmt == "mxfp8" and key.endswith(".weight") and t.dim() == 2 and quantizable_name(layer):
                 out[DIT_PREFIX + key], out[DIT_PREFIX + layer + ".weight_scale"] = quantize_mxfp8(t)
                 out[DIT_PREFIX + layer + ".comfy_quant"] = _record("mxfp8")
             else:
