@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from quality import psnr as psnr_db
 
 CASES = {
     "1024² Lens": ["--height", "1024", "--width", "1024"],
@@ -44,10 +45,7 @@ def run(root: str, gpus: int, size: list[str], out: Path) -> dict:
 
 
 def psnr(a: Path, b: Path) -> float:
-    x = np.asarray(Image.open(a)).astype(np.float64)
-    y = np.asarray(Image.open(b)).astype(np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    return psnr_db(np.asarray(Image.open(a)), np.asarray(Image.open(b)), 255)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quality import psnr
 
 PROMPTS = ["a red fox in fresh snow, morning light", "a lighthouse on a cliff at dusk, oil painting"]
 
@@ -57,12 +58,6 @@ def encoder_numbers(pipe, ids: torch.Tensor, mask: torch.Tensor) -> dict:
 def image(pipe, prompt: str) -> np.ndarray:
     out = pipe(prompt, height=1024, width=1024, seed=5, output_type="np")
     return np.asarray(out.images[0], dtype=np.float64)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    scale = 255.0 if a.max() > 1.5 else 1.0
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(scale**2 / mse)
 
 
 def main() -> None:
@@ -101,12 +96,12 @@ def main() -> None:
     ]  # fmt: skip
     save()
     reference = {p: image(folder, p) for p in PROMPTS}
-    result["psnr_nvfp4_encoder_db"] = [psnr(reference[p], image(nv, p)) for p in PROMPTS]
+    result["psnr_nvfp4_encoder_db"] = [psnr(reference[p], image(nv, p), 1.0) for p in PROMPTS]
     del nv
     torch.cuda.empty_cache()
     save()
     mx, result["load_mxfp8_dit_s"] = load(root, transformer=dit_file)
-    result["psnr_mxfp8_dit_db"] = [psnr(reference[p], image(mx, p)) for p in PROMPTS]
+    result["psnr_mxfp8_dit_db"] = [psnr(reference[p], image(mx, p), 1.0) for p in PROMPTS]
     del mx, folder
     torch.cuda.empty_cache()
     save()

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from quality import psnr as psnr_db
 from safetensors.torch import load_file, save_file
 
 from lensrun import LensPipeline, __version__
@@ -67,9 +67,9 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = ((a.clamp(-1, 1) + 1) / 2).float(), ((b.clamp(-1, 1) + 1) / 2).float()
-    mse = torch.mean((a - b) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    """Of two decoded images in [-1, 1]."""
+    a, b = (((t.clamp(-1, 1) + 1) / 2).float().cpu().numpy() for t in (a, b))
+    return psnr_db(a, b, 1.0)
 
 
 def main() -> None:
