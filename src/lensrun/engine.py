@@ -491,6 +491,7 @@ class _Run:
         self.latents: dict[int, torch.Tensor] = {}
         self.encode_seconds = 0.0
         self.writes: list[Future] = []
+        self.writes_checked = 0  # writes before this index are done and checked (one writer: they finish in order)
 
     def fail(self, result: Result, err: Exception) -> None:
         if not self.isolate:
@@ -628,11 +629,12 @@ class _Run:
     def previous_write(self) -> None:
         """At most WRITES_IN_FLIGHT PNGs wait for the writer (images never pile up in memory, and one slow write
         does not stall the GPU); a Ctrl-C or exit raised in a finished write stops the run here."""
-        waiting = [f for f in self.writes if not f.done()]
-        if len(waiting) >= WRITES_IN_FLIGHT:
-            futures.wait(waiting[: len(waiting) - WRITES_IN_FLIGHT + 1])
-        for write in self.writes:
-            error = write.exception() if write.done() else None
+        excess = len(self.writes) - self.writes_checked - WRITES_IN_FLIGHT + 1
+        if excess > 0:
+            futures.wait(self.writes[self.writes_checked : self.writes_checked + excess])
+        while self.writes_checked < len(self.writes) and self.writes[self.writes_checked].done():
+            error = self.writes[self.writes_checked].exception()
+            self.writes_checked += 1
             if error is not None and not isinstance(error, Exception):
                 raise error
 
