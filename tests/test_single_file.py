@@ -160,6 +160,26 @@ def test_mxfp8_dit_quantized_to_fp8_while_loading_equals_the_bf16_route(tiny_che
     assert torch.equal(a.dequantize(), b.dequantize())
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao fp8 needs a CUDA GPU")
+def test_engine_loads_an_mxfp8_dit_straight_to_fp8_for_an_fp8_plan(tiny_checkpoint, tmp_path):
+    """The engine passes its first plan's precision to the load: the DiT file arrives quantized and the run
+    needs no second quantization (which would refuse: the DiT is quantized once per process)."""
+    pytest.importorskip("torchao")
+    from lensrun.engine import Engine, Task
+    from lensrun.request import EngineOptions, GenerationRequest
+
+    _dit_file(tiny_checkpoint, tmp_path / "lens_mxfp8.safetensors", fmt="mxfp8")
+    options = EngineOptions(model=str(tiny_checkpoint), transformer=str(tmp_path / "lens_mxfp8.safetensors"),
+                            quantize="fp8", device="cuda", compile=False)  # fmt: skip
+    request = GenerationRequest.build(prompt="a heron", seed=2, height=32, width=48, steps=2)
+    engine = Engine.load(options, first=[request])
+    assert engine.pipe.precision == "fp8"
+    weight = engine.pipe.transformer.transformer_blocks[0].attn.img_qkv.weight
+    assert type(weight) not in (torch.Tensor, torch.nn.Parameter)  # quantized while loading
+    [result] = engine.run([Task(request)])
+    assert result.ok and result.config["quantize"] == "fp8"
+
 def test_cli_mixes_a_folder_with_single_files_and_replays(tiny_checkpoint, tmp_path, capsys):
     _dit_file(tiny_checkpoint, tmp_path / "lens.safetensors")
     _vae_file(tiny_checkpoint, tmp_path / "vae.safetensors")

@@ -176,19 +176,20 @@ class Engine:
             if f and single_file.kind(Path(f)) != single_file.KIND_OF_PART[part]:
                 raise LensrunError(f"--{part.replace('_', '-')} {f}: that file holds another component")
         sizes = model_sizes(options.model, root, experts="nvfp4" if files["text_encoder"] else "mxfp4")
-        load_to = torch.device("cpu")
+        load_to, precision = torch.device("cpu"), "bf16"
         if device.type == "cuda" and first:
             plans, _ = plans_for(device, first, options, sizes, compiled=False)
-            if plans[0].placement == "resident":
-                load_to = device
+            if plans[0].placement == "resident":  # quantized where it lands (a DiT file: block by block)
+                load_to, precision = device, plans[0].precision
         if notify is not None:
             notify(f"loading {options.model} onto {load_to} …")
         if options.model == TINY_MODEL:
             pipe = LensPipeline.tiny_random(dtype=dtype, device=load_to, variant=variant)
         else:
             pipe = LensPipeline.from_pretrained(
-                root or options.model, variant=variant, dtype=dtype, device=load_to, name=options.model, files=files
-            )
+                root or options.model, variant=variant, dtype=dtype, device=load_to, name=options.model, files=files,
+                precision=precision,
+            )  # fmt: skip
         pipe._device = device
         return cls(pipe, options, sizes, files)
 
