@@ -4,7 +4,8 @@ Starts the server as a subprocess on 127.0.0.1 (its own compile caches: `--cache
 send requests in turn for D seconds (each a kind from `--mix`, a unique prompt and seed), samples the server's
 resident memory, GPU memory and GPU utilisation once a second, then stops it with SIGINT. With `--baseline`
 the same requests (up to `--baseline-max`) then run back to back in this process through one warm engine: the
-rate the GPU can give the same work with no server around it.
+rate the GPU can give the same work with no server around it. `--replicas 1,2` loads the server once per count
+(`lensrun serve --replicas N`, one engine per GPU) and compares each count's rate with the first's.
 
 Mix: comma-separated `WxH:steps:cfg` kinds, e.g. the issue's mix
 `1024x1024:4:1,1024x1024:20:5,1376x768:8:5`.
@@ -59,15 +60,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gpu_sample() -> tuple[float, float] | None:
-    """(memory used GiB, utilisation %) of GPU 0 from nvidia-smi, or None without one."""
+def gpu_sample(gpus: int) -> list[tuple[float, float]] | None:
+    """(memory used GiB, utilisation %) of GPUs 0…gpus-1 from nvidia-smi, or None without them."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+            ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=5, check=False,
         ).stdout  # fmt: skip
-        used, util = out.strip().split(",")
-        return float(used) / 1024, float(util)
+        rows = [line.split(",") for line in out.strip().splitlines()[:gpus]]
+        return [(float(used) / 1024, float(util)) for used, util in rows] if len(rows) == gpus else None
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
 
@@ -77,20 +78,20 @@ def prompt(i: int) -> str:
     return f"a detailed photo of a {things[i % 10]} number {i} at {['dawn', 'noon', 'dusk'][i % 3]}, {i * 7 % 13} birds"
 
 
-def start_server(args, port: int) -> subprocess.Popen:
+def start_server(args, port: int, replicas: int) -> subprocess.Popen:
     env = {**os.environ, "LENSRUN_CACHE_DIR": args.cache_dir} if args.cache_dir else dict(os.environ)
     command = [sys.executable, "-m", "lensrun", "serve", "--model", args.model, "--port", str(port),
-               "--device", args.device, "--max-queue", str(4 * args.concurrency)]  # fmt: skip
+               "--device", args.device, "--max-queue", str(4 * args.concurrency), "--replicas", str(replicas)]  # fmt: skip
     if args.warmup:
         command.append("--warmup")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
 
-def load(args, kinds: list[Kind]) -> dict:
+def load(args, kinds: list[Kind], replicas: int) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     launched = time.perf_counter()
-    server = start_server(args, port)
+    server = start_server(args, port, replicas)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(server.stdout), daemon=True).start()
     try:
@@ -132,9 +133,10 @@ def load(args, kinds: list[Kind]) -> dict:
 
         def sample() -> None:
             while any(t.is_alive() for t in threads):
-                gpu = gpu_sample()
+                gpus = gpu_sample(replicas) if args.device != "cpu" else None
                 samples.append({"t": time.perf_counter() - start, "rss_mib": proc.memory_info().rss / 2**20,
-                                "gpu_gib": gpu[0] if gpu else None, "gpu_util": gpu[1] if gpu else None})  # fmt: skip
+                                "gpu_gib": [g[0] for g in gpus] if gpus else None,
+                                "gpu_util": [g[1] for g in gpus] if gpus else None})  # fmt: skip
                 time.sleep(1.0)
 
         threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
@@ -194,8 +196,8 @@ def summarize(result: dict, kinds: list[Kind]) -> dict:
         if lat:
             q = statistics.quantiles(lat, n=10) if len(lat) > 1 else [lat[0]] * 9
             per_kind[kind.name] = {"n": len(lat), "p50": statistics.median(lat), "p90": q[8], "max": lat[-1]}
-    gpu = [s["gpu_gib"] for s in result["samples"] if s["gpu_gib"] is not None]
-    util = [s["gpu_util"] for s in result["samples"] if s["gpu_util"] is not None]
+    gpu = [max(s["gpu_gib"]) for s in result["samples"] if s["gpu_gib"] is not None]  # the fullest GPU
+    util = [statistics.mean(s["gpu_util"]) for s in result["samples"] if s["gpu_util"] is not None]
     third = max(1, len(gpu) // 3)
     statuses: dict[int, int] = {}
     for r in result["requests"]:
@@ -203,6 +205,7 @@ def summarize(result: dict, kinds: list[Kind]) -> dict:
     return {
         "images": len(rows), "images_per_s": len(rows) / result["seconds"], "statuses": statuses,
         "ready_s": result["ready_s"], "per_kind": per_kind, "max_latency": max((r["latency"] for r in rows), default=None),
+        "p50": statistics.median(r["latency"] for r in rows) if rows else None,
         "gpu_gib": {"first_third_max": max(gpu[:third]), "last_third_max": max(gpu[-third:]), "max": max(gpu)} if gpu else None,
         "gpu_busy": statistics.mean(util) / 100 if util else None, "exit_code": result["exit_code"],
     }  # fmt: skip
@@ -219,30 +222,42 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="LENSRUN_CACHE_DIR for the server (empty folder: cold caches)")
     ap.add_argument("--baseline", action="store_true", help="then the same requests back to back in-process")
     ap.add_argument("--baseline-max", type=int, default=60)
+    ap.add_argument("--replicas", default="1", help="comma-separated replica counts, one server each, e.g. 1,2")
     ap.add_argument("--label", default="serve")
     ap.add_argument("--json", default="load.json")
     args = ap.parse_args()
     kinds = parse_mix(args.mix)
-    result = load(args, kinds)
-    summary = summarize(result, kinds)
+    runs = []
+    for replicas in (int(n) for n in args.replicas.split(",")):
+        result = load(args, kinds, replicas)
+        runs.append({"replicas": replicas, "summary": summarize(result, kinds), **result})
+        report(f"{args.label}, {replicas} replica(s)", runs[-1]["summary"], result["seconds"])
+    summary = runs[0]["summary"]
+    for run in runs[1:]:
+        run["summary"]["vs_first"] = run["summary"]["images_per_s"] / summary["images_per_s"]
+        print(f"{run['replicas']} replicas / {runs[0]['replicas']}: {run['summary']['vs_first']:.2f}x images/s")
     if args.baseline:
-        summary["baseline"] = baseline(args, result["requests"])
+        summary["baseline"] = baseline(args, runs[0]["requests"])
         summary["vs_baseline"] = summary["images_per_s"] / summary["baseline"]["images_per_s"]
+        b = summary["baseline"]
+        print(f"in-process back to back: {b['images']} images in {b['seconds']:.1f} s = {b['images_per_s']:.3f} images/s; "
+              f"server ({runs[0]['replicas']} replica(s))/in-process = {summary['vs_baseline']:.2f}")  # fmt: skip
     with open(args.json, "w") as f:
-        json.dump({"label": args.label, "args": vars(args), "summary": summary, **result}, f, indent=1)
-    print(f"[{args.label}] ready after {summary['ready_s']:.1f} s; {summary['images']} images in {result['seconds']:.0f} s = "
+        json.dump({"label": args.label, "args": vars(args), "runs": runs}, f, indent=1)
+
+
+def report(label: str, summary: dict, seconds: float) -> None:
+    print(f"[{label}] ready after {summary['ready_s']:.1f} s; {summary['images']} images in {seconds:.0f} s = "
           f"{summary['images_per_s']:.3f} images/s; statuses {summary['statuses']}; exit {summary['exit_code']}")  # fmt: skip
     print(f"{'kind':<32} {'n':>4} {'p50 s':>7} {'p90 s':>7} {'max s':>7}")
     for name, k in summary["per_kind"].items():
         print(f"{name:<32} {k['n']:>4} {k['p50']:>7.2f} {k['p90']:>7.2f} {k['max']:>7.2f}")
+    if summary["p50"] is not None:
+        print(f"{'all kinds':<32} {summary['images']:>4} {summary['p50']:>7.2f}")
     if summary["gpu_gib"]:
         g = summary["gpu_gib"]
-        print(f"GPU memory max: first third {g['first_third_max']:.1f} GiB, last third {g['last_third_max']:.1f} GiB; "
-              f"GPU busy {summary['gpu_busy']:.0%}")  # fmt: skip
-    if args.baseline:
-        b = summary["baseline"]
-        print(f"in-process back to back: {b['images']} images in {b['seconds']:.1f} s = {b['images_per_s']:.3f} images/s; "
-              f"server/in-process = {summary['vs_baseline']:.2f}")  # fmt: skip
+        print(f"GPU memory max (fullest GPU): first third {g['first_third_max']:.1f} GiB, last third "
+              f"{g['last_third_max']:.1f} GiB; GPU busy {summary['gpu_busy']:.0%} (mean over the server's GPUs)")  # fmt: skip
 
 
 if __name__ == "__main__":

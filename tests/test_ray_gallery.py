@@ -75,3 +75,25 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_duplicated(local_ray
     assert all((tmp_path / "out" / name).is_file() for name in killed[0])  # the killed worker's images were redone
     assert not list((tmp_path / "out").rglob("*.tmp"))
     assert any("a worker was lost" in m for m in said)
+
+
+def test_a_worker_decides_compilation_on_its_share_of_the_gallery_not_on_one_chunk(tmp_path, monkeypatch):
+    """Chunks of CHUNK_IMAGES alone would never repay compiling; the actor decides once, on its share."""
+    from lensrun import compile_policy
+    from lensrun.gallery import GalleryRun, load_gallery
+    from lensrun.ray_gallery import CHUNK_IMAGES, GalleryWorker
+    from lensrun.request import EngineOptions
+
+    seen: list[int] = []
+    decide = compile_policy.decide
+    monkeypatch.setattr(compile_policy, "decide", lambda asked, dev, seconds, *a: seen.append(len(seconds)) or decide(asked, dev, seconds, *a))
+    (tmp_path / "g.txt").write_text("\n".join(f"a red fox number {i}" for i in range(3 * CHUNK_IMAGES)))
+    engine_keys = ("model", "device")
+    options = EngineOptions(**{k: v for k, v in TINY.items() if k in engine_keys})
+    sizes = {k: v for k, v in TINY.items() if k not in engine_keys}
+    run = GalleryRun.start(options, load_gallery(tmp_path / "g.txt", defaults=sizes), tmp_path / "out")
+    share = [single for _, single, _, _ in run.pending]
+    worker = GalleryWorker(options, share)
+    rows = worker.run(run.tasks(run.pending[:CHUNK_IMAGES]))
+    assert all(r["ok"] for r in rows)
+    assert seen[0] == len(share) == 3 * CHUNK_IMAGES  # the first decision saw the whole share

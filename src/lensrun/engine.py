@@ -305,11 +305,15 @@ class Engine:
         self._remember_compilation()
         return run.results
 
-    def compile_ahead(self, requests: list[GenerationRequest], wait: bool = False, notify=None) -> None:
-        """A server's start: when its runs will compile, start compiling now on a side thread (runs stay eager
-        until it is done); ``wait``: block until it is done and switch to it."""
+    def compile_ahead(
+        self, requests: list[GenerationRequest], wait: bool = False, notify=None, background: bool = True
+    ) -> None:
+        """Plan and decide compilation for work known ahead of its runs — a server's expected requests, a Ray
+        actor's share of a gallery that reaches it in small chunks (each chunk alone would not repay compiling).
+        ``background`` (a server): compiling starts now on a side thread and runs stay eager until it is done;
+        ``wait``: block until it is done and switch to it."""
         say = notify or (lambda message: None)
-        self.background_compile = True
+        self.background_compile = background
         self._prepare(requests, None, say)  # plans, decides and applies as a run would: compiling starts there
         if wait and self.compiling is not None:
             start = time.perf_counter()

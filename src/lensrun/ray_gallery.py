@@ -26,11 +26,14 @@ MAX_TRIES = 3  # a chunk whose actor died this many times is recorded as failed
 
 
 class GalleryWorker:
-    """The body of a Ray actor: one engine on this actor's GPU (or the CPU), loaded at the first chunk."""
+    """The body of a Ray actor: one engine on this actor's GPU (or the CPU), loaded at the first chunk and
+    prepared for ``share`` (about the images this actor will make), so that compiling is decided on the actor's
+    whole part of the gallery rather than on each small chunk."""
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, options: EngineOptions, share: list) -> None:
         os.environ.update(NO_MULTICAST)
         self.options = options
+        self.share = share
         self.engine = None
 
     def run(self, tasks: list) -> list[dict]:
@@ -38,6 +41,7 @@ class GalleryWorker:
 
         if self.engine is None:
             self.engine = Engine.shared(self.options, [t.request for t in tasks])
+            self.engine.compile_ahead(self.share, background=False)
         results = self.engine.run(tasks, isolate=True)
         return [{"ok": r.ok, "config": r.config, "report": r.report, "error": r.error} for r in results]
 
@@ -67,7 +71,7 @@ class RayGallery:
         from lensrun.engine import size_groups
 
         self.todo = [_Chunk(c) for c in size_groups(self.run.pending, CHUNK_IMAGES, lambda image: image[1])]
-        actors = [remote.remote(self.run.options) for _ in range(min(self.workers, len(self.todo)))]
+        actors = [self._actor(remote) for _ in range(min(self.workers, len(self.todo)))]
         busy: dict = {}  # future → (actor, chunk, tasks)
         while self.todo or busy:
             idle = [a for a in actors if a not in {v[0] for v in busy.values()}]
@@ -99,7 +103,12 @@ class RayGallery:
         else:
             self.todo.insert(0, chunk)
             self.notify(f"a worker was lost ({reason}); its {len(chunk.images)} image(s) go to a new worker")
-        return remote.remote(self.run.options)
+        return self._actor(remote)
+
+    def _actor(self, remote):
+        """A new actor, told about its share of what is left (every ``workers``-th pending image)."""
+        share = [single for _, single, _, _ in self.run.pending[:: self.workers]]
+        return remote.remote(self.run.options, share)
 
 
 def run_gallery_ray(
