@@ -75,6 +75,10 @@ def test_auto_takes_fa3_only_when_its_check_passes(fake_fa3, monkeypatch, tmp_pa
     (tmp_path / "attention-checks.json").unlink()
     backend, why = attention.resolve("auto", "bf16", CPU)
     assert backend == "sdpa" and "differs from fp32 by 1.0e+00" in why
+    backend, why = attention.resolve("auto", "bf16", CPU, torch.float32)  # fp32 runs (tiny models, CPU)
+    assert backend == "sdpa" and "bf16/fp16" in why
+    with pytest.raises(LensrunError, match="computes in bf16 or fp16; this run's dtype is float32"):
+        attention.resolve("fa3", "bf16", CPU, torch.float32)
 
 
 def test_the_backend_is_set_on_every_block_and_recorded(tmp_path):

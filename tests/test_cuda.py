@@ -232,9 +232,10 @@ def test_auto_attention_through_the_engine_is_recorded():
     from lensrun.engine import Engine
     from lensrun.request import EngineOptions
 
-    engine = Engine(LensPipeline.tiny_random(device="cuda"), EngineOptions(model="tiny-random", compile=False))
+    pipe = LensPipeline.tiny_random(device="cuda", dtype=torch.bfloat16)  # FlashAttention-3 computes in bf16
+    engine = Engine(pipe, EngineOptions(model="tiny-random", compile=False))
     [result] = engine.run([Task(engine.request(prompt="a kite", seed=1, height=64, width=64, steps=2))])
-    expected, _ = attention.resolve("auto", "bf16", torch.device("cuda"))
+    expected, _ = attention.resolve("auto", "bf16", torch.device("cuda"), engine.pipe.dtype)
     assert result.config["attention"] == expected == engine.pipe.transformer.attention_backend
 
 

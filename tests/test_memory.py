@@ -47,6 +47,19 @@ def test_issue_cells_choose_plans_without_per_step_offload(vram, size, check):
     assert all(p.seconds >= chosen.seconds - 0.01 for p in preds if p.fits)
 
 
+
+def test_a_quantized_precision_asked_for_is_never_traded_for_bf16():
+    """--quantize fp8 restricts every plan to fp8 (resident only), even where a bf16 phased plan is as fast
+    (the tiny model: every plan takes ~0 s) or where fp8 does not fit (then: the error, not bf16)."""
+    from lensrun import configs
+
+    tiny = memory.ComponentSizes.from_configs(configs.TINY_TRANSFORMER_CONFIG, configs.TINY_TEXT_ENCODER_CONFIG, configs.TINY_VAE_CONFIG)
+    for sizes in (tiny, memory.ComponentSizes.lens()):
+        preds = memory.plan_table(80 * GIB, 1024, 1024, sizes=sizes, precisions=("fp8",))
+        assert preds and {(p.plan.placement, p.plan.precision) for p in preds} == {("resident", "fp8")}
+    with pytest.raises(LensrunError, match="no plan fits"):
+        memory.choose(8 * GIB, 1024, 1024, precisions=("fp8",))
+
 def test_too_small_budget_says_what_is_needed():
     with pytest.raises(LensrunError, match=r"no plan fits 1.0 GiB for 1024x1024: the leanest .* needs \d+\.\d GiB"):
         memory.choose(1 * GIB, 1024, 1024)

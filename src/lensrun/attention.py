@@ -30,6 +30,7 @@ CHOICES = ("auto", *BACKENDS)
 # bf16 kernels measured 5-6e-4, fp8 1.8e-2 with unit scales (docs/performance.md, 2026-11-28).
 TOLERANCE = {"fa3": 2e-3, "fa3-fp8": 6e-2}
 E4M3_MAX = 448.0
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # what FlashAttention-3 computes in (fp8 inputs come from these)
 
 
 def check(name: str) -> str:
@@ -77,17 +78,22 @@ def supported(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def resolve(asked: str, precision: str, device: torch.device) -> tuple[str, str]:
-    """The backend a run uses for ``asked`` (``auto`` or a name) and why; an asked backend that cannot run here
-    is an error naming what is missing."""
+def resolve(asked: str, precision: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """The backend a run uses for ``asked`` (``auto`` or a name) and why, for a DiT computing in ``dtype``; an
+    asked backend that cannot run here is an error naming what is missing."""
     check(asked)
+    half = dtype in HALF_DTYPES
     if asked != "auto":
+        if asked != "sdpa" and not half:
+            raise LensrunError(f"--attention {asked} computes in bf16 or fp16; this run's dtype is {str(dtype).removeprefix('torch.')}: use sdpa")
         if not installed(asked):
             raise LensrunError(f"--attention {asked} needs the fa3-fwd kernels: pip install 'lensrun[hopper]'")
         if not supported(asked, device):
             raise LensrunError(f"--attention {asked} runs on Hopper GPUs (sm_90) only; use sdpa")
         return asked, f"attention {asked}: asked with --attention"
     preferred = "fa3-fp8" if precision == "fp8" else "fa3"
+    if not half:
+        return "sdpa", f"attention sdpa: FlashAttention-3 computes in bf16/fp16, this run in {str(dtype).removeprefix('torch.')}"
     if not installed(preferred):
         return "sdpa", "attention sdpa: fa3-fwd is not installed (pip install 'lensrun[hopper]' on Hopper GPUs)"
     if not supported(preferred, device):

@@ -371,7 +371,7 @@ class Engine:
         if key == self._attention_for:
             return
         self._attention_for = key
-        backend, why = attention.resolve(self.options.attention, plan.precision, self.device)
+        backend, why = attention.resolve(self.options.attention, plan.precision, self.device, self.pipe.dtype)
         if backend != self.pipe.transformer.attention_backend:
             self.pipe.transformer.set_attention_backend(backend)
             self.pipe.step_graphs.reset()  # captured steps hold the old kernels

@@ -233,11 +233,12 @@ def predict(
 
 
 def candidate_plans(precisions: tuple[str, ...] = PRECISIONS, fused_experts: bool = True) -> list[Plan]:
-    """Quantized DiTs are planned resident only: their torchao tensors are not moved between phases. Decode
-    chunks matter only where experts are decoded (no Triton kernel)."""
+    """Quantized DiTs are planned resident only: their torchao tensors are not moved between phases (so a
+    quantized precision asked for alone never yields a bf16 plan elsewhere). Decode chunks matter only where
+    experts are decoded (no Triton kernel)."""
     plans = []
     for placement in PLACEMENTS:
-        for precision in precisions if placement == "resident" else ("bf16",):
+        for precision in precisions if placement == "resident" else [p for p in precisions if p == "bf16"]:
             for chunk in CHUNKS[:1] if fused_experts else CHUNKS:
                 for tiling in (False, True):
                     for emb_cpu in (False, True):
