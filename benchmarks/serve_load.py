@@ -232,6 +232,8 @@ def main() -> None:
         result = load(args, kinds, replicas)
         runs.append({"replicas": replicas, "summary": summarize(result, kinds), **result})
         report(f"{args.label}, {replicas} replica(s)", runs[-1]["summary"], result["seconds"])
+        with open(args.json, "w") as f:  # after each server: a later one cut short loses only itself
+            json.dump({"label": args.label, "args": vars(args), "runs": runs}, f, indent=1)
     summary = runs[0]["summary"]
     for run in runs[1:]:
         run["summary"]["vs_first"] = run["summary"]["images_per_s"] / summary["images_per_s"]

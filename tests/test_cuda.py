@@ -250,3 +250,25 @@ def test_cfg_parallel_over_nccl_gives_the_one_gpu_image(tmp_path):
     one = api.generate("a heron", out=tmp_path / "one", **options)
     two = api.generate("a heron", out=tmp_path / "two", gpus=2, **options)
     assert np.array_equal(np.asarray(Image.open(one[0])), np.asarray(Image.open(two[0])))
+
+
+def test_the_gpu_thread_never_waits_for_the_gpu_in_a_warm_run():
+    """Encoding new prompts, denoising, decoding: no synchronizing copy or call on the thread that feeds the GPU
+    (torch's sync debug mode raises on one); the writer thread finishes each image from its CUDA event."""
+    import numpy as np
+
+    from lensrun import LensPipeline
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    engine = Engine(LensPipeline.tiny_random(device="cuda", dtype=torch.bfloat16), EngineOptions(model="tiny-random", compile=False))
+    requests = [engine.request(prompt=f"a kite number {i}", seed=i, height=64, width=64, steps=2) for i in range(3)]
+    [alone] = engine.run([Task(requests[1])])  # warm: kernels, allocator, attention choice
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = engine.run([Task(r) for r in [requests[0], requests[2], requests[1]]], wait=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    engine.writer().submit(lambda: None).result()  # the writer is done with every image
+    assert all(r.ok for r in results) and np.array_equal(np.asarray(results[2].image), np.asarray(alone.image))
+    assert all(set(r.report["seconds"]) == {"encode", "denoise", "decode"} for r in results)

@@ -63,6 +63,7 @@ def test_prompt_cache_memory_and_disk(tiny_pipe, tmp_path):
     assert cache.get(key, torch.device("cpu")) is None
     features = tiny_pipe.encode_one("a fox")
     cache.put(key, features)
+    cache.flush()  # the file is written on a side thread
     reloaded = PromptCache("enc-A", tmp_path).get(key, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(features, reloaded, strict=True))
     assert len(list(tmp_path.glob("*.safetensors"))) == 1

@@ -10,8 +10,9 @@ engine per GPU), and the workers of ``generate --gpus 2``. For any list of singl
    each image right away under a resident plan, a group of up to 8 at a time under a phased one
    (``LensPipeline.phase``, so each component moves once a group);
 3. after an out-of-memory error, frees the failed attempt's memory and retries that image under the next plan;
-4. hands each image to a writer thread, which writes its PNG with recipe and run report atomically and reports
-   it to the caller while the GPU goes on with the next image.
+4. hands each image to a writer thread, which copies it off the GPU, writes its PNG with recipe and run report
+   atomically and reports it to the caller while the GPU goes on with the next image. The GPU thread never
+   waits for the GPU except to stay at most ``QUEUED_AHEAD`` phases ahead of it (``lensrun.transfers``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,10 +33,14 @@ import torch
 from lensrun import __version__, compile_policy, memory
 from lensrun.errors import LensrunError
 from lensrun.request import TINY_MODEL, EngineOptions, GenerationRequest, check_dtype, infer_variant
+from lensrun.transfers import Download, Mark
 
 SINGLE_FILE_PARTS = ("transformer", "text_encoder", "vae")  # components a single file may replace
 GROUP_IMAGES = 8  # images denoised before their group is decoded and written: bounds what an interrupt loses
 WRITES_IN_FLIGHT = 4  # decoded images waiting for the PNG writer at most
+# Phases (an image's denoising or decoding) the GPU thread queues beyond what the GPU is running: enough for the
+# GPU never to wait for the thread between images or runs, few enough that progress and cancelling stay close.
+QUEUED_AHEAD = 2
 
 
 class Cancelled(Exception):
@@ -152,6 +158,7 @@ class Engine:
         self.compile_error: str | None = None  # why a background compilation failed: runs stay eager
         self._attention_for: tuple | None = None  # (asked backend, precision) the current backend was resolved for
         self._writer: ThreadPoolExecutor | None = None
+        self._queued: deque[Mark] = deque()  # ends of the phases queued on the GPU, oldest first
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -320,6 +327,13 @@ class Engine:
             self.compiling.wait()
             say(f"compiled in {time.perf_counter() - start:.1f} s")
             self._switch_when_compiled(say)
+
+    def queued(self, mark: Mark) -> None:
+        """A phase is queued up to ``mark``: wait while more than ``QUEUED_AHEAD`` are (across runs, so a server's
+        next run is queued while the last one's images finish)."""
+        self._queued.append(mark)
+        while len(self._queued) > QUEUED_AHEAD:
+            self._queued.popleft().wait()
 
     def writer(self) -> ThreadPoolExecutor:
         """The one thread that encodes and writes this engine's PNGs, in order."""
@@ -494,7 +508,8 @@ class _Run:
         self.results = [Result(t) for t in tasks]
         self.conditions: dict[int, tuple] = {}
         self.latents: dict[int, torch.Tensor] = {}
-        self.encode_seconds = 0.0
+        self.marks: dict[int, dict[str, tuple[Mark, Mark]]] = {}  # per image: phase → (start, end)
+        self.encoding: tuple[Mark, Mark] | None = None
         self.writes: list[Future] = []
         self.writes_checked = 0  # writes before this index are done and checked (one writer: they finish in order)
 
@@ -551,7 +566,7 @@ class _Run:
 
     def encode(self) -> None:
         texts = [p for r in self.results for p in r.task.request.prompts_to_encode()]
-        start = _synced(self.pipe.device)
+        start = Mark(self.pipe.device)
         unique = {text for text, _ in texts}
         if unique:
             self.say(f"encoding {len(unique)} prompt(s)")
@@ -570,12 +585,12 @@ class _Run:
 
         encoding = self.pipe.encoding_phase if group is None or group.leader else lambda texts: contextlib.nullcontext()
         self.each(lambda: encoding(texts), self.results, work)
-        self.encode_seconds = (_synced(self.pipe.device) - start) / max(1, len(self.results))
+        self.encoding = (start, Mark(self.pipe.device))
 
     def denoise(self, group: list[Result], step: Callable[[int, int], None]) -> None:
         def work(r: Result) -> None:
             req = r.task.request
-            start = _synced(self.pipe.device)
+            start = Mark(self.pipe.device)
             kept = _load_latents(r.task.keep, self.pipe.device, self.pipe.dtype)
             on_step = lambda i, n: step(r, i, n)
             if kept is not None:  # denoised by an interrupted run; its steps are skipped
@@ -585,24 +600,28 @@ class _Run:
             else:
                 noise = self.pipe.initial_noise(req.seed, req.grid, req.noise)
                 self.latents[id(r)] = self.pipe.denoise(noise, *self.conditions[id(r)], req, on_step)
-                _save_latents(r.task.keep, self.latents[id(r)])
-            r.report["seconds"] = {"encode": round(self.encode_seconds, 3), "denoise": round(_synced(self.pipe.device) - start, 3)}
+                if r.task.keep is not None:  # in self.writes: an interrupted run waits for it like for PNGs
+                    self.writes.append(self.engine.writer().submit(_save_latents, r.task.keep, Download(self.latents[id(r)])))
+            end = Mark(self.pipe.device)
+            self.marks[id(r)] = {"denoise": (start, end)}
+            self.engine.queued(end)
 
         if self.pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.pipe.device)
         self.each(lambda: self.pipe.phase("denoise"), group, work)
 
     def decode(self, group: list[Result]) -> None:
-        from lensrun.decoding import decode_tokens, to_pil
+        from lensrun.decoding import decode_tokens, to_pixels
 
         def work(r: Result) -> None:
             req = r.task.request
             if self.pipe.parallel is not None and not self.pipe.parallel.leader:
                 self.latents.pop(id(r))  # rank 0 decodes and writes
                 return
-            start = _synced(self.pipe.device)
-            image = to_pil(decode_tokens(self.pipe.vae, self.latents.pop(id(r)), req.grid))[0]
-            r.report["seconds"]["decode"] = round(_synced(self.pipe.device) - start, 3)
+            start = Mark(self.pipe.device)
+            pixels = Download(to_pixels(decode_tokens(self.pipe.vae, self.latents.pop(id(r)), req.grid))[0])
+            end = Mark(self.pipe.device)
+            self.marks[id(r)]["decode"] = (start, end)
             r.config = self.engine.recipe(req)
             r.report.update(plan=self.pipe.plan.name, compiled=self.pipe.compiled)
             r.report.setdefault("fallbacks", [])
@@ -610,15 +629,20 @@ class _Run:
                 r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
                 r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)
             self.previous_write()
-            self.writes.append(self.engine.writer().submit(self.finish, r, image))
+            self.writes.append(self.engine.writer().submit(self.finish, r, pixels))
+            self.engine.queued(end)
 
         self.each(lambda: self.pipe.phase("decode"), [r for r in group if id(r) in self.latents], work)
 
-    def finish(self, r: Result, image) -> None:
-        """On the writer thread: the PNG (atomically), the kept latents gone, then ``on_result``."""
+    def finish(self, r: Result, pixels: Download) -> None:
+        """On the writer thread: the image off the GPU, its phase times, the PNG (atomically), the kept latents
+        gone, then ``on_result``."""
+        from lensrun.decoding import pixels_to_pil
         from lensrun.metadata import save_png
 
         try:
+            image = pixels_to_pil(pixels.result()[None])[0]
+            r.report["seconds"] = self.seconds(r)
             if r.task.path is not None:
                 save_png(image, r.task.path, r.config, r.report)
             if r.task.keep is not None:
@@ -630,6 +654,13 @@ class _Run:
             r.error = f"{type(err).__name__}: {err}"
         if self.on_result is not None:
             self.on_result(r)
+
+    def seconds(self, r: Result) -> dict[str, float]:
+        """GPU time of each phase of this image (encoding: the run's, shared out per image)."""
+        (start, end), marks = self.encoding, self.marks.pop(id(r))
+        times = {"encode": end.seconds_since(start) / len(self.results)}
+        times.update({phase: b.seconds_since(a) for phase, (a, b) in marks.items()})
+        return {phase: round(t, 3) for phase, t in times.items()}
 
     def previous_write(self) -> None:
         """At most WRITES_IN_FLIGHT PNGs wait for the writer (images never pile up in memory, and one slow write
@@ -649,14 +680,15 @@ class _Run:
             write.result()
 
 
-def _save_latents(path: Path | None, latents: torch.Tensor) -> None:
-    if path is None:
-        return
+def _save_latents(path: Path, latents: Download) -> None:
+    """On the writer thread, before the image's PNG (whose writing removes the file again). Keeping latents only
+    saves work on a resume: a failed write leaves the image to be denoised again then, never fails it."""
     from safetensors.torch import save
 
     from lensrun.metadata import write_atomic
 
-    write_atomic(path, lambda f: f.write(save({"latents": latents.detach().cpu().contiguous()})))
+    with contextlib.suppress(OSError):
+        write_atomic(path, lambda f: f.write(save({"latents": latents.result().contiguous()})))
 
 
 def _load_latents(path: Path | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -670,11 +702,4 @@ def _load_latents(path: Path | None, device: torch.device, dtype: torch.dtype) -
     except Exception:  # noqa: BLE001 - a damaged leftover is recomputed, never trusted
         path.unlink(missing_ok=True)
         return None
-
-
-def _synced(device: torch.device) -> float:
-    """The wall clock after the GPU has finished what was queued (phase edges only, never inside a loop)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 

@@ -28,6 +28,7 @@ from lensrun.prompt_cache import PromptCache, default_cache_dir, folder_fingerpr
 from lensrun.prompting import DEFAULT_TEMPLATE_DATE, MAX_SEQUENCE_LENGTH, tokenize_prompts
 from lensrun.request import DEFAULT_MODEL, OUTPUT_TYPES, TINY_MODEL, GenerationRequest, check_variant, infer_variant
 from lensrun.sampling import euler_step, guided_velocity, lens_sigmas
+from lensrun.transfers import upload
 
 if TYPE_CHECKING:  # the model classes import diffusers/transformers: loaded with the weights, not with lensrun
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
@@ -345,7 +346,7 @@ class LensPipeline:
         tok = tokenize_prompts(self.tokenizer, prompts, template_date, MAX_SEQUENCE_LENGTH)
         hidden = self.text_encoder(tok.input_ids, tok.attention_mask)
         features = [h[:, tok.offset :].to(self.dtype) for h in hidden]
-        return features, tok.attention_mask[:, tok.offset :].to(features[0].device)
+        return features, upload(tok.attention_mask[:, tok.offset :], features[0].device)
 
     def encode_one(self, prompt: str, template_date: str = DEFAULT_TEMPLATE_DATE) -> list[torch.Tensor]:
         """One prompt's features [1, S_valid, H] per layer, through the prompt cache. Prompts are always encoded
@@ -398,7 +399,7 @@ class LensPipeline:
         """Sigmas (floats, terminal 0) and model timesteps (sigma rounded through the model dtype, as upstream)."""
         grid = req.grid
         sigmas, _ = lens_sigmas(self.scheduler, grid[0] * grid[1], req.steps)
-        timesteps = self.scheduler.timesteps.to(self.device).to(self.dtype) / 1000
+        timesteps = upload(self.scheduler.timesteps, self.device).to(self.dtype) / 1000
         return sigmas.tolist(), timesteps
 
     @torch.inference_mode()
@@ -425,7 +426,7 @@ class LensPipeline:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
-                sig = torch.tensor(sigmas, dtype=torch.float32, device=self.device)
+                sig = upload(torch.tensor(sigmas, dtype=torch.float32), self.device)
                 out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
             if out is not None:
                 return out
@@ -635,7 +636,7 @@ class _PhaseClock:
 def _randn(shape: tuple, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Noise drawn where the generator lives (a CPU generator gives the same numbers on every GPU), then moved."""
     where = "cpu" if generator.device.type == "cpu" else device
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+    return upload(torch.randn(shape, generator=generator, device=where, dtype=dtype), device)
 
 
 def resolve_sources(model: str | Path, variant: str | None, files: dict | None) -> tuple[Path | None, dict[str, Path]]:

@@ -1,7 +1,8 @@
 """Prompt-embedding cache, in memory and on disk: a repeated prompt costs no encoder work.
 
 Key: prompt text, template date, token limit, feature dtype and a fingerprint of the encoder's weights, so a
-cached entry is exactly what the encoder would produce. Entries are the valid-token features only.
+cached entry is exactly what the encoder would produce. Entries are the valid-token features only. A new entry's
+copy off the GPU and its file are finished on a side thread: the GPU thread never waits for either.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
 from lensrun.metadata import write_atomic
+from lensrun.transfers import Download, upload
+
+_DISK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lensrun-prompt-cache")  # joined at exit
 
 
 def default_cache_dir() -> Path:
@@ -48,9 +54,10 @@ class PromptCache:
         self.encoder_id = encoder_id
         self.folder = folder
         self.capacity = capacity
-        self._memory: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._memory: OrderedDict[str, list[Download]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._writes: list[Future] = []  # files still being written
 
     def key(self, prompt: str, template_date: str, max_length: int, dtype: torch.dtype) -> str:
         blob = json.dumps([self.encoder_id, prompt, template_date, max_length, str(dtype)])
@@ -60,14 +67,14 @@ class PromptCache:
         if key in self._memory:
             self._memory.move_to_end(key)
             self.hits += 1
-            return [t.to(device) for t in self._memory[key]]
+            return [upload(d.result(), device) for d in self._memory[key]]
         path = self._path(key)
         if path is not None and path.is_file():
             tensors = load_file(path)
-            features = [tensors[f"layer_{i}"] for i in range(len(tensors))]
+            features = [Download(tensors[f"layer_{i}"]) for i in range(len(tensors))]
             self._remember(key, features)
             self.hits += 1
-            return [t.to(device) for t in features]
+            return [upload(d.result(), device) for d in features]
         self.misses += 1
         return None
 
@@ -76,14 +83,21 @@ class PromptCache:
         return key in self._memory or (path is not None and path.is_file())
 
     def put(self, key: str, features: list[torch.Tensor]) -> None:
-        cpu = [f.detach().to("cpu").contiguous() for f in features]
-        self._remember(key, cpu)
+        downloads = [Download(f.contiguous()) for f in features]
+        self._remember(key, downloads)
         path = self._path(key)
         if path is not None:
-            blob = save({f"layer_{i}": t for i, t in enumerate(cpu)})
-            write_atomic(path, lambda f: f.write(blob))
+            self._writes = [w for w in self._writes if not w.done()]
+            self._writes.append(_DISK.submit(_write, path, downloads))
 
-    def _remember(self, key: str, features: list[torch.Tensor]) -> None:
+    def flush(self) -> None:
+        """Wait until every entry put so far is on disk (another process, or cache object, can read it)."""
+        futures.wait(self._writes)
+        for write in self._writes:
+            write.result()
+        self._writes = []
+
+    def _remember(self, key: str, features: list[Download]) -> None:
         self._memory[key] = features
         self._memory.move_to_end(key)
         while len(self._memory) > self.capacity:
@@ -91,3 +105,8 @@ class PromptCache:
 
     def _path(self, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}.safetensors"
+
+
+def _write(path: Path, downloads: list[Download]) -> None:
+    blob = save({f"layer_{i}": d.result() for i, d in enumerate(downloads)})
+    write_atomic(path, lambda f: f.write(blob))

@@ -18,6 +18,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer, Gpt
 
 from lensrun import mxfp4
 from lensrun.cuda_graphs import GraphCache, capture
+from lensrun.transfers import upload
 
 
 class PackedExperts(nn.Module):
@@ -251,9 +252,9 @@ class LensTextEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states [B, S, H] after each selected decoder layer (both residual adds, no final norm)."""
-        hidden = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(self.dtype)
-        hidden = hidden.to(self.rotary_emb.inv_freq.device)
-        attention_mask = attention_mask.to(hidden.device)
+        hidden = self.embed_tokens(upload(input_ids, self.embed_tokens.weight.device)).to(self.dtype)
+        hidden = upload(hidden, self.rotary_emb.inv_freq.device)
+        attention_mask = upload(attention_mask, hidden.device)
         if self.use_graphs and hidden.is_cuda:
             return self._replay(hidden, attention_mask)
         return self._layers(hidden, attention_mask)
