@@ -272,3 +272,28 @@ def test_the_gpu_thread_never_waits_for_the_gpu_in_a_warm_run():
     engine.writer().submit(lambda: None).result()  # the writer is done with every image
     assert all(r.ok for r in results) and np.array_equal(np.asarray(results[2].image), np.asarray(alone.image))
     assert all(set(r.report["seconds"]) == {"encode", "denoise", "decode"} for r in results)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_replicas_on_two_gpus_in_two_threads_give_the_one_gpu_images():
+    """A server's replicas: one engine per GPU, each driven from its own thread (whose current device is
+    cuda:0 unless the engine sets its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from lensrun import LensPipeline
+    from lensrun.engine import Engine
+    from lensrun.request import EngineOptions
+
+    engines = [
+        Engine(LensPipeline.tiny_random(device=f"cuda:{i}", dtype=torch.bfloat16), EngineOptions(model="tiny-random", compile=False))
+        for i in range(2)
+    ]  # fmt: skip
+    requests = [engines[0].request(prompt=f"a tram number {i}", seed=i, height=64, width=96, steps=3) for i in range(4)]
+    [alone] = engines[0].run([Task(requests[3])])
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda e: e.run([Task(r) for r in requests]), engines))
+    for results in runs:
+        assert all(r.ok for r in results)
+        assert np.array_equal(np.asarray(results[3].image), np.asarray(alone.image))

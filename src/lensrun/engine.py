@@ -270,6 +270,10 @@ class Engine:
         PNGs are encoded and written on a writer thread while the GPU goes on with the next image;
         ``on_result`` is called there, once the image's file is complete. ``wait=False`` returns before the
         last writes finish (a server starts its next run meanwhile; its ``on_result`` completes each job)."""
+        with _current_device(self.device):  # a replica's thread: its events, streams and graphs on its GPU
+            return self._run(tasks, plans, isolate, on_result, on_step, should_stop, notify, progress, wait)
+
+    def _run(self, tasks, plans, isolate, on_result, on_step, should_stop, notify, progress, wait) -> list[Result]:
         from tqdm.auto import tqdm
 
         say = notify or (lambda message: None)
@@ -321,7 +325,8 @@ class Engine:
         ``wait``: block until it is done and switch to it."""
         say = notify or (lambda message: None)
         self.background_compile = background
-        self._prepare(requests, None, say)  # plans, decides and applies as a run would: compiling starts there
+        with _current_device(self.device):
+            self._prepare(requests, None, say)  # plans, decides and applies as a run would: compiling starts there
         if wait and self.compiling is not None:
             start = time.perf_counter()
             self.compiling.wait()
@@ -426,6 +431,11 @@ class Engine:
         if artifacts is not None:
             write_atomic(path.with_suffix(".bin"), lambda f: f.write(artifacts[0]))
         write_atomic(path, lambda f: f.write(f'{{"torch": "{torch.__version__}", "time": {time.time():.0f}}}'.encode()))
+
+
+def _current_device(device: torch.device):
+    """``device`` as the thread's current CUDA device (new events and streams belong to the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _compile_folder() -> Path:
