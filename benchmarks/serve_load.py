@@ -155,7 +155,7 @@ def load(args, kinds: list[Kind], replicas: int) -> dict:
         except subprocess.TimeoutExpired:
             server.kill()
     return {"ready_s": ready_s, "seconds": elapsed, "requests": done, "samples": samples, "exit_code": server.returncode,
-            "log_tail": "".join(log[-30:])}  # fmt: skip
+            "log_tail": "".join(log[-30:]), "log_notes": [line for line in log if "POST /v1/" not in line][-80:]}  # fmt: skip
 
 
 def baseline(args, rows: list[dict]) -> dict:

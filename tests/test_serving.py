@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lensrun import LensPipeline, background_compile
-from lensrun.engine import Engine, Task
+from lensrun.engine import Cancelled, Engine, Task
 from lensrun.request import EngineOptions
 from lensrun.server import Job, Worker
 
@@ -159,6 +159,52 @@ def test_replicas_take_batches_from_one_queue_and_keep_each_image(tmp_path):
         alone.run([task])
         assert np.array_equal(_pixels(task.path), _pixels(tmp_path / "files" / f"{job.files[0]}.png"))
 
+
+def test_a_replica_process_serves_batches_with_progress_and_the_images_of_one_engine(tmp_path):
+    """``serve --replicas 2``: the second engine in a spawned process (here on the CPU) takes batches from the one
+    queue; each job gets its progress and its image (identical to the in-process engine's); a cancelled batch
+    stops; closing ends the process."""
+    from lensrun.replicas import RemoteEngine
+
+    options = EngineOptions(model="tiny-random", device="cpu")
+    local = Engine(LensPipeline.tiny_random(device="cpu"), options)
+    first = local.request(prompt="warm-up", height=32, width=32, steps=2).images()
+    remote = RemoteEngine(options, "cpu", first, warmup=False, notify=lambda message: None)
+    remote.wait_ready()
+    ran_remotely: list[int] = []
+    original = remote.run
+    remote.run = lambda tasks, **kwargs: ran_remotely.append(len(tasks)) or original(tasks, **kwargs)
+    worker = Worker([local, remote], tmp_path / "files")
+    sizes = [(32, 32), (32, 48), (48, 32), (48, 48), (32, 32), (48, 48)]
+    jobs = [Job(local.request(prompt=f"p{i}", height=h, width=w, steps=2, seed=i), "url") for i, (h, w) in enumerate(sizes)]
+    with worker.ready:
+        for job in jobs:
+            worker.submit(job)
+    for job in jobs:
+        _wait(job, 120)
+    assert ran_remotely and all(job.step == job.total == 2 and job.report["plan"] for job in jobs)
+    for job in jobs:
+        task = Task(job.request.images()[0], path=tmp_path / "alone" / f"{job.id}.png")
+        local.run([task])
+        assert np.array_equal(_pixels(task.path), _pixels(tmp_path / "files" / f"{job.files[0]}.png"))
+    with pytest.raises(Cancelled):
+        original([Task(local.request(prompt="stop me", height=32, width=32, steps=50).images()[0], tmp_path / "x.png")],
+                   should_stop=lambda: True)  # fmt: skip
+    worker.shutdown()
+    assert not remote.process.is_alive()
+
+
+def test_a_replica_that_cannot_load_says_why():
+    from lensrun.errors import LensrunError
+    from lensrun.replicas import RemoteEngine
+    from lensrun.request import GenerationRequest
+
+    first = GenerationRequest.build(prompt="warm-up", height=32, width=32, steps=2).images()
+    remote = RemoteEngine(EngineOptions(model="/nowhere/Lens", device="cpu"), "cpu", first, warmup=False, notify=print)
+    with pytest.raises(LensrunError, match="replica on cpu: .*nowhere"):
+        remote.wait_ready()
+    remote.process.join(30)
+    assert not remote.process.is_alive()
 
 def test_replica_devices_are_checked_before_loading():
     from lensrun.errors import LensrunError

@@ -340,6 +340,12 @@ class Engine:
         while len(self._queued) > QUEUED_AHEAD:
             self._queued.popleft().wait()
 
+    def close(self) -> None:
+        """The last PNGs written; the writer thread ends (a new run starts another)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
     def writer(self) -> ThreadPoolExecutor:
         """The one thread that encodes and writes this engine's PNGs, in order."""
         if self._writer is None:

@@ -1,6 +1,7 @@
 """``lensrun serve``: the loaded model behind an OpenAI-compatible Images API, a job queue and a web page.
 
-One worker thread per engine (one engine, or a replica per GPU) takes jobs in order from a bounded queue,
+One worker thread per engine (one engine, or a replica per GPU: those beyond the first in processes of their own)
+takes jobs in order from a bounded queue,
 running queued jobs of the same size and settings together as one engine run; the engine's writer thread writes
 each PNG and completes its job while the GPU goes on. Request handlers only validate, enqueue and wait (asynchronously). Compilation happens on
 a side thread while requests run eagerly (``Engine.background_compile``). Images are saved with the same PNG
@@ -273,10 +274,12 @@ class Worker:
         return len(queued), len(running)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """``stop``, then wait for the worker threads."""
+        """``stop``, then wait for the worker threads and the engines' last PNGs (replica processes exit)."""
         self.stop()
         for thread in self.threads:
             thread.join(timeout)
+        for engine in self.engines:
+            engine.close()
 
 
 SHUT_DOWN = "the server shut down before this job started"
@@ -494,14 +497,14 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     """Load the model once and serve it until interrupted. Compiled by default on CUDA (a server makes many
     images: repeated sizes replay the encoder and the denoising steps as CUDA graphs). Compilation starts at
     once on a side thread and requests run eagerly until it is done; ``warmup``: finish it (and one image at the
-    default size) before listening. ``replicas``: one engine per GPU (cuda:0…), each with its own worker thread
-    taking batches from the one queue."""
-    import dataclasses
+    default size) before listening. ``replicas``: one engine per GPU (cuda:0 here, the others each in a process
+    of its own: ``lensrun.replicas``), each with a worker thread taking batches from the one queue."""
     import tempfile
 
     from lensrun.api import one_gpu_only
     from lensrun.engine import model_variant, resolve_device
     from lensrun.parallel import device_per_gpu
+    from lensrun.replicas import RemoteEngine
     from lensrun.request import EngineOptions
 
     problem = port_problem(host, port)
@@ -516,16 +519,17 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     if opts.compile is None and resolve_device(opts.device).type == "cuda":
         opts = EngineOptions(**{**opts.__dict__, "compile": True})
     first = GenerationRequest.build(prompt="warm-up", default_variant=model_variant(opts)).images()
-    engines = [Engine.shared(opts, first)]
-    for device in devices[1:]:
-        engines.append(Engine.load(dataclasses.replace(opts, device=device), first))
-    for engine in engines:
-        engine.compile_ahead(first, wait=warmup, notify=notify)
-        if warmup:
-            start = time.perf_counter()
-            engine.run([Task(single) for single in first])
-            notify(f"warm-up image on {engine.device} in {time.perf_counter() - start:.1f} s")
-    engine = engines[0]
+    # Further replicas load in their own processes meanwhile (lensrun.replicas says why not threads).
+    remotes = [RemoteEngine(opts, device, first, warmup, notify) for device in devices[1:]]
+    engine = Engine.shared(opts, first)
+    engine.compile_ahead(first, wait=warmup, notify=notify)
+    if warmup:
+        start = time.perf_counter()
+        engine.run([Task(single) for single in first])
+        notify(f"warm-up image on {engine.device} in {time.perf_counter() - start:.1f} s")
+    for remote in remotes:
+        remote.wait_ready()
+    engines = [engine, *remotes]
     folder = Path(files) if files else Path(tempfile.mkdtemp(prefix="lensrun-serve-"))
     app = create_app(engines, folder, api_key=api_key, max_queue=max_queue, access_log=notify)
     warnings.showwarning = lambda message, *args, **kwargs: notify(f"lensrun: warning: {message}")
