@@ -190,6 +190,18 @@ def test_a_replica_process_serves_batches_with_progress_and_the_images_of_one_en
     with pytest.raises(Cancelled):
         original([Task(local.request(prompt="stop me", height=32, width=32, steps=50).images()[0], tmp_path / "x.png")],
                    should_stop=lambda: True)  # fmt: skip
+    remote.process.kill()  # a replica lost (killed, out of host memory): the other engine takes the work
+    remote.process.join(30)
+    deadline = time.time() + 30
+    while remote.alive and time.time() < deadline:
+        time.sleep(0.05)
+    assert not remote.alive
+    later = [Job(local.request(prompt=f"q{i}", height=32, width=32, steps=2, seed=i), "url") for i in range(3)]
+    with worker.ready:
+        for job in later:
+            worker.submit(job)
+    for job in later:
+        _wait(job, 120)
     worker.shutdown()
     assert not remote.process.is_alive()
 

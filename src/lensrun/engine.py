@@ -141,6 +141,7 @@ class Engine:
     process, so a replay after a generate, or every job of a server, reuses the loaded weights."""
 
     _shared: ClassVar[dict[tuple, Engine]] = {}
+    alive = True  # an engine in this process lives as long as it (a replica process may end: lensrun.replicas)
 
     def __init__(
         self, pipe, options: EngineOptions, sizes: memory.ComponentSizes | None = None, files: dict | None = None

@@ -39,6 +39,7 @@ class RemoteEngine:
         self.outcomes: queue.Queue = queue.Queue()  # ("ready" | "ran" | "cancelled" | "failed", detail)
         self.keys = itertools.count()
         self.lock = threading.Lock()
+        self.alive = True  # False once the process has ended: the server stops giving it work
         os.environ.update(NO_MULTICAST)  # inherited by the spawned process
         self.process = context.Process(target=serve_replica, args=(options, device, first, warmup, child),
                                        name=f"lensrun-replica-{device}", daemon=True)  # fmt: skip
@@ -71,8 +72,6 @@ class RemoteEngine:
         if kind == "cancelled":
             raise Cancelled
         if kind == "failed":
-            for key in keys:
-                self.tasks.pop(key, None)
             raise LensrunError(f"replica on {self.device}: {detail}")
         return []
 
@@ -91,26 +90,36 @@ class RemoteEngine:
             self.conn.send(message)
 
     def _read(self) -> None:
-        """The child's messages: per-image progress and results (to their callbacks), run outcomes (to ``run``)."""
+        """The child's messages: per-image progress and results (to their callbacks), run outcomes (to ``run``).
+        A result may come after its run failed (an image written before the failure): it still completes."""
         while True:
             try:
                 kind, *rest = self.conn.recv()
             except (EOFError, OSError):
+                self.alive = False
+                self.notify(f"the replica on {self.device} has stopped (exit code {self.process.exitcode}); "
+                            "the other engines take its work")  # fmt: skip
                 self.outcomes.put(("failed", "the replica process ended"))
                 return
-            if kind == "step":
-                task = self.tasks[rest[0]][0]
-                if task.on_step is not None:
-                    task.on_step(rest[1], rest[2])
-            elif kind == "result":
-                key, config, report, error = rest
-                task, on_result = self.tasks.pop(key)
-                if on_result is not None:
-                    on_result(Result(task, config, report, image=None, error=error))
-            elif kind == "say":
-                self.notify(f"{self.device}: {rest[0]}")
-            else:
-                self.outcomes.put((kind, rest[0]))
+            try:
+                self._dispatch(kind, rest)
+            except Exception as err:  # noqa: BLE001 - a failing callback must not stop the replica's messages
+                self.notify(f"replica on {self.device}: {kind} callback failed: {type(err).__name__}: {err}")
+
+    def _dispatch(self, kind: str, rest: list) -> None:
+        if kind == "step":
+            task, _ = self.tasks.get(rest[0], (None, None))
+            if task is not None and task.on_step is not None:
+                task.on_step(rest[1], rest[2])
+        elif kind == "result":
+            key, config, report, error = rest
+            task, on_result = self.tasks.pop(key, (None, None))
+            if on_result is not None:
+                on_result(Result(task, config, report, image=None, error=error))
+        elif kind == "say":
+            self.notify(f"{self.device}: {rest[0]}")
+        else:
+            self.outcomes.put((kind, rest[0]))
 
 
 def serve_replica(options: EngineOptions, device: str, first: list[GenerationRequest], warmup: bool, conn) -> None:

@@ -200,7 +200,7 @@ class Worker:
             return batch
 
     def _loop(self, engine: Engine) -> None:
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and engine.alive:  # a replica whose process ended takes no more work
             batch = self.next_batch()
             if batch:
                 self._run(batch, engine)
