@@ -3,7 +3,6 @@ the compile policy's choices, and imports that stay light until a model is loade
 
 import subprocess
 import sys
-
 import time
 
 import pytest
