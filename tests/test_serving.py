@@ -69,10 +69,10 @@ def test_a_request_is_not_held_behind_a_compilation(pipe, tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
     real_warm = background_compile.warm_up
 
-    def slow_warm_up(p):
+    def slow_warm_up(*args):
         started.set()
         assert release.wait(60)
-        real_warm(p)
+        real_warm(*args)
 
     monkeypatch.setattr(background_compile, "warm_up", slow_warm_up)
     fresh = LensPipeline.tiny_random(device="cpu")
@@ -97,7 +97,7 @@ def test_a_request_is_not_held_behind_a_compilation(pipe, tmp_path, monkeypatch)
 
 
 def test_a_failed_background_compilation_leaves_the_server_eager(pipe, tmp_path, monkeypatch):
-    def broken(p):
+    def broken(*args):
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(background_compile, "warm_up", broken)
@@ -217,6 +217,21 @@ def test_a_replica_that_cannot_load_says_why():
         remote.wait_ready()
     remote.process.join(30)
     assert not remote.process.is_alive()
+
+def test_a_child_process_fills_empty_compile_caches_that_the_side_thread_then_reads(tmp_path, monkeypatch):
+    """Empty caches: a child process compiles a one-block DiT of the same config (no interpreter lock shared
+    with the serving thread); the side thread's own compilation then finds every graph in the caches."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty; the child inherits it
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        job = background_compile.BackgroundCompile(LensPipeline.tiny_random(device="cpu"), fill_caches_first=True)
+        assert job.wait(600) and job.error is None and job.child.returncode == 0
+        assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    finally:
+        torch._dynamo.reset()
 
 def test_replica_devices_are_checked_before_loading():
     from lensrun.errors import LensrunError

@@ -41,6 +41,9 @@ WRITES_IN_FLIGHT = 4  # decoded images waiting for the PNG writer at most
 # Phases (an image's denoising or decoding) the GPU thread queues beyond what the GPU is running: enough for the
 # GPU never to wait for the thread between images or runs, few enough that progress and cancelling stay close.
 QUEUED_AHEAD = 2
+# Free GPU memory for the child that fills empty compile caches (lensrun.background_compile): its one block,
+# warm-up and CUDA context take about a GiB; the rest stays for the runs served meanwhile.
+FILL_CACHES_MIN_FREE_GIB = 8
 
 
 class Cancelled(Exception):
@@ -377,16 +380,26 @@ class Engine:
             raise LensrunError(f"the DiT is quantized to {pipe.precision}; this run needs {plan.precision}: start a new process")
         if plan.precision != pipe.precision and self.compiling is not None:
             raise LensrunError(f"this run needs the DiT in {plan.precision} while it compiles in bf16: start a new process")
+        self._attention(plan, say)  # before compiling: the compiled blocks call this backend
         if compile and not pipe.compiled and self.compiling is None:
-            _load_compile_artifacts(self._compile_key(plan))
+            key = self._compile_key(plan)
+            _load_compile_artifacts(key)
             if self.background_compile and plan.placement == "resident":
-                self.compiling = pipe.compile_in_background()
+                self.compiling = pipe.compile_in_background(fill_caches_first=self._fill_caches_first(plan, key))
                 if say is not None:
                     say("compiling in the background; runs stay eager until it is ready")
             else:  # before placement: a stream plan wraps the blocks it streams
                 pipe.optimize(compile=True, precision=pipe.precision)
         pipe.apply_plan(plan, self.device)
-        self._attention(plan, say)
+
+    def _fill_caches_first(self, plan: memory.Plan, key: str) -> bool:
+        """Empty compile caches on a GPU with room to spare: a child process fills them first (bf16 blocks, the
+        only ones compiled in the background), so the side thread's compilation holds the lock briefly."""
+        if self.device.type != "cuda" or plan.precision != "bf16":
+            return False
+        if compile_policy.marker(_compile_folder(), key).exists():
+            return False
+        return torch.cuda.mem_get_info(self.device)[0] >= FILL_CACHES_MIN_FREE_GIB * 2**30
 
     def _attention(self, plan: memory.Plan, say) -> None:
         """The attention backend for this plan's precision (``lensrun.attention.resolve``), said when it changes;

@@ -274,13 +274,14 @@ class LensPipeline:
         self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self
 
-    def compile_in_background(self):
+    def compile_in_background(self, fill_caches_first: bool = False):
         """Start compiling the DiT's blocks on a side thread (``lensrun.background_compile``); this pipeline
-        stays eager until ``switch_to_compiled`` is called with the returned job finished."""
+        stays eager until ``switch_to_compiled`` is called with the returned job finished. ``fill_caches_first``
+        (empty compile caches): a child process compiles a one-block DiT into them first."""
         from lensrun.background_compile import BackgroundCompile
 
         acceleration.compile_cache_dir()
-        return BackgroundCompile(self)
+        return BackgroundCompile(self, fill_caches_first)
 
     def switch_to_compiled(self, job) -> None:
         """Between runs: use the blocks a finished ``compile_in_background`` job compiled."""
