@@ -59,7 +59,10 @@ class RemoteEngine:
         keys = [next(self.keys) for _ in tasks]
         for key, task in zip(keys, tasks, strict=True):
             self.tasks[key] = (task, on_result)
-        self._send("run", [(key, task.request, task.path) for key, task in zip(keys, tasks, strict=True)])
+        try:
+            self._send("run", [(key, task.request, task.path) for key, task in zip(keys, tasks, strict=True)])
+        except OSError:
+            raise LensrunError(f"the replica on {self.device} has stopped") from None
         stopping = False
         while True:
             try:

@@ -202,7 +202,11 @@ class Worker:
     def _loop(self, engine: Engine) -> None:
         while not self.stopping.is_set() and engine.alive:  # a replica whose process ended takes no more work
             batch = self.next_batch()
-            if batch:
+            if batch and not engine.alive:  # it ended while this thread waited: the batch goes back, in order
+                with self.ready:
+                    self.pending.extendleft(reversed(batch))
+                    self.ready.notify_all()
+            elif batch:
                 self._run(batch, engine)
 
     def _run(self, batch: list[Job], engine: Engine) -> None:
