@@ -82,10 +82,14 @@ def _complete(path: Path, part: str) -> bool:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Through a partial file, on disk (fsync) before the rename: a crash leaves the old file or none. (Files of
+    gigabytes: ``save_file`` streams them, where ``metadata.write_atomic`` would need them as bytes first.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, partial)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
