@@ -9,7 +9,8 @@
   block's joint attention all-to-alls trade token slices for head slices and back
   (``LensJointAttention._sequence_parallel``); the latents are gathered once at the end. GEMMs over fewer rows
   may round differently: PSNR against the single-GPU image is reported, not bit equality. Measured slower
-  than one GPU so far (``ONE_GPU_INSTEAD``), so ``lensrun generate --gpus`` does not use it.
+  than one GPU while its exchanges broke the compiled blocks' graphs (``ONE_GPU_INSTEAD``), so ``lensrun
+  generate --gpus`` does not use it; the exchanges are now functional collectives traced into the blocks.
 
 Either way rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
 and writes the PNGs.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from lensrun.errors import LensrunError
 
@@ -87,35 +89,32 @@ class Group:
         n = image_tokens // self.world
         return torch.cat([table[self.rank * n : (self.rank + 1) * n], table[image_tokens:]])
 
-    @torch.compiler.disable
+    # The exchanges inside a block use functional collectives, which torch.compile traces into the block's
+    # graph: a compiled block has no graph break per exchange.
     def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] (this rank's tokens, every head) → [B, H/P, P·n, D] (every token, this rank's heads)."""
         b, h, n, d = x.shape
         send = x.reshape(b, self.world, h // self.world, n, d).transpose(0, 1).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, dist.group.WORLD))
         return recv.permute(1, 2, 0, 3, 4).reshape(b, h // self.world, self.world * n, d)
 
-    @torch.compiler.disable
     def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse: [B, H/P, P·n, D] → [B, H, n, D]."""
         b, hp, tokens, d = x.shape
         n = tokens // self.world
         send = x.reshape(b, hp, self.world, n, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, dist.group.WORLD))
         return recv.transpose(0, 1).reshape(b, self.world * hp, n, d)
 
     def my_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] → this rank's heads [B, H/P, S, D]."""
         return x.chunk(self.world, dim=1)[self.rank]
 
-    @torch.compiler.disable
     def all_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H/P, S, D] from every rank → [B, H, S, D]."""
         if x.shape[2] == 0:  # the empty negative prompt: nothing to exchange
             return x.new_empty(x.shape[0], x.shape[1] * self.world, 0, x.shape[3])
-        return torch.cat(self.gather(x), dim=1)
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, dist.group.WORLD))
 
 
 HEADS = 24  # Lens's attention heads: a sequence-parallel group splits them evenly
