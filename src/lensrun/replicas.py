@@ -40,6 +40,7 @@ class RemoteEngine:
         self.keys = itertools.count()
         self.lock = threading.Lock()
         self.alive = True  # False once the process has ended: the server stops giving it work
+        self.closing = False
         os.environ.update(NO_MULTICAST)  # inherited by the spawned process
         self.process = context.Process(target=serve_replica, args=(options, device, first, warmup, child),
                                        name=f"lensrun-replica-{device}", daemon=True)  # fmt: skip
@@ -80,6 +81,7 @@ class RemoteEngine:
 
     def close(self, timeout: float = 30.0) -> None:
         """Let the child write its last PNGs and exit; stopped by force after ``timeout``."""
+        self.closing = True
         try:
             self._send("exit")
         except OSError:
@@ -100,8 +102,8 @@ class RemoteEngine:
                 kind, *rest = self.conn.recv()
             except (EOFError, OSError):
                 self.alive = False
-                self.notify(f"the replica on {self.device} has stopped (exit code {self.process.exitcode}); "
-                            "the other engines take its work")  # fmt: skip
+                if not self.closing:
+                    self.notify(f"the replica on {self.device} has stopped; the other engines take its work")
                 self.outcomes.put(("failed", "the replica process ended"))
                 return
             try:
