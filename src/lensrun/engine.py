@@ -250,7 +250,7 @@ class Engine:
         ]
         if self.compile_error is not None:
             return compile_policy.CompileDecision(False, f"eager: compilation failed ({self.compile_error})")
-        warm = self.device.type == "cuda" and compile_policy.marker(_compile_folder(), self._compile_key(plan)).exists()
+        warm = self.device.type == "cuda" and _caches_warm(self._compile_key(plan))
         return compile_policy.decide(self.options.compile, self.device.type, seconds, warm, self.pipe.compiled)
 
     # --------------------------------------------------------------------------------------------------- run
@@ -337,6 +337,15 @@ class Engine:
             say(f"compiled in {time.perf_counter() - start:.1f} s")
             self._switch_when_compiled(say)
 
+    def prepare_to_serve(self, first: list[GenerationRequest], warmup: bool, notify) -> None:
+        """A server engine's start (in the server's process or a replica's): compilation begins on a side thread,
+        or with ``warmup`` is finished and one image made before serving."""
+        self.compile_ahead(first, wait=warmup, notify=notify)
+        if warmup:
+            start = time.perf_counter()
+            self.run([Task(single) for single in first])
+            notify(f"warm-up image on {self.device} in {time.perf_counter() - start:.1f} s")
+
     def queued(self, mark: Mark) -> None:
         """A phase is queued up to ``mark``: wait while more than ``QUEUED_AHEAD`` are (across runs, so a server's
         next run is queued while the last one's images finish)."""
@@ -397,7 +406,7 @@ class Engine:
         only ones compiled in the background), so the side thread's compilation holds the lock briefly."""
         if self.device.type != "cuda" or plan.precision != "bf16":
             return False
-        if compile_policy.marker(_compile_folder(), key).exists():
+        if _caches_warm(key):
             return False
         return torch.cuda.mem_get_info(self.device)[0] >= FILL_CACHES_MIN_FREE_GIB * 2**30
 
@@ -456,6 +465,11 @@ class Engine:
 def _current_device(device: torch.device):
     """``device`` as the thread's current CUDA device (new events and streams belong to the current one)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _caches_warm(key: str) -> bool:
+    """This machine has compiled for ``key`` before (torch's on-disk caches hold its graphs)."""
+    return compile_policy.marker(_compile_folder(), key).exists()
 
 
 def _compile_folder() -> Path:

@@ -106,7 +106,7 @@ class RayGallery:
         return self._actor(remote)
 
     def _actor(self, remote):
-        """A new actor, told about its share of what is left (every ``workers``-th pending image)."""
+        """A new actor, told about its share of the run (every ``workers``-th image pending at its start)."""
         share = [single for _, single, _, _ in self.run.pending[:: self.workers]]
         return remote.remote(self.run.options, share)
 

@@ -142,9 +142,7 @@ def serve_replica(options: EngineOptions, device: str, first: list[GenerationReq
     say = lambda message: send("say", message)
     try:
         engine = Engine.load(dataclasses.replace(options, device=device), first, say)
-        engine.compile_ahead(first, wait=warmup, notify=say)
-        if warmup:
-            engine.run([Task(single) for single in first])
+        engine.prepare_to_serve(first, warmup, say)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which refuses to start
         send("failed", f"{type(err).__name__}: {err}")
         return

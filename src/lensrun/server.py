@@ -526,11 +526,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
     # Further replicas load in their own processes meanwhile (lensrun.replicas says why not threads).
     remotes = [RemoteEngine(opts, device, first, warmup, notify) for device in devices[1:]]
     engine = Engine.shared(opts, first)
-    engine.compile_ahead(first, wait=warmup, notify=notify)
-    if warmup:
-        start = time.perf_counter()
-        engine.run([Task(single) for single in first])
-        notify(f"warm-up image on {engine.device} in {time.perf_counter() - start:.1f} s")
+    engine.prepare_to_serve(first, warmup, notify)
     for remote in remotes:
         remote.wait_ready()
     engines = [engine, *remotes]
