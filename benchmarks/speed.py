@@ -24,7 +24,7 @@ import torch
 from quality import psnr as psnr_db
 from safetensors.torch import load_file, save_file
 
-from lensrun import LensPipeline, __version__
+from lensrun import LensPipeline, __version__, attention
 from lensrun.decoding import decode_tokens
 from lensrun.random_checkpoint import ensure_checkpoint
 from lensrun.request import GenerationRequest
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     ap.add_argument("--reference", default="speed-reference.safetensors", help="baseline images, kept between splits")
     ap.add_argument("--append", action="store_true", help="add rows to --json instead of starting it afresh")
+    ap.add_argument("--attention", default="auto", help="backend of the compiled and fp8 modes (baseline and fast-eager: sdpa)")
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -117,6 +118,11 @@ def main() -> None:
         reference_images = {k: v.to(device) for k, v in load_file(reference_file).items()}
     log(f"loaded; prompt is {text_len} tokens")
 
+    def use_attention(p: LensPipeline, precision: str) -> None:
+        backend, why = attention.resolve(args.attention, precision, p.device, p.dtype)
+        p.transformer.set_attention_backend(backend)
+        log(why)
+
     def run_mode(mode: str, p: LensPipeline) -> None:
         for case, req in reqs.items():
             if mode == "compiled+cache" and req.steps < 8:
@@ -146,7 +152,7 @@ def main() -> None:
                 cached, out = timed(lambda: p(PROMPT, seed=7, cache=r.cache, **cases_kw[case]), 2)
                 timings = out.timings
             row = {
-                "mode": mode, "case": case, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0], "warmup_all_s": warm_t,
+                "mode": mode, "case": case, "attention": p.transformer.attention_backend, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
                 "e2e_first_new_prompt_s": first_new[0], "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
@@ -165,6 +171,7 @@ def main() -> None:
         if mode in modes:
             run_mode(mode, pipe)
     if "compiled" in modes or "compiled+cache" in modes:
+        use_attention(pipe, "bf16")
         pipe.optimize(compile=True)
         for mode in ("compiled", "compiled+cache"):
             if mode in modes:
@@ -179,16 +186,18 @@ def main() -> None:
     if "fp8" in modes:
         del pipe
         torch.cuda.empty_cache()
-        fp8 = LensPipeline.from_pretrained(root, dtype=dtype, device=device).optimize(True, "fp8")
+        fp8 = LensPipeline.from_pretrained(root, dtype=dtype, device=device)
+        use_attention(fp8, "fp8")
+        fp8.optimize(True, "fp8")
         run_mode("fp8", fp8)
 
     print(f"\nGPU {report['info']['gpu']}, torch {report['info']['torch']}, {report['info']['date']}")
-    print(f"{'mode':15s} {'case':15s} {'denoise s':>9s} {'speedup':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'e2e s':>7s} {'1st new':>7s} {'cached':>7s} {'PSNR dB':>8s}")
+    print(f"{'mode':15s} {'attention':9s} {'case':15s} {'denoise s':>9s} {'speedup':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'e2e s':>7s} {'1st new':>7s} {'cached':>7s} {'PSNR dB':>8s}")
     base = {r["case"]: r["denoise_s"] for r in report["rows"] if r["mode"] == "baseline"}
     for r in report["rows"]:
         sp = base.get(r["case"], float("nan")) / r["denoise_s"]
         print(
-            f"{r['mode']:15s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
+            f"{r['mode']:15s} {r.get('attention', 'sdpa'):9s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
             f"{r['e2e_s'] or float('nan'):7.3f} {r.get('e2e_first_new_prompt_s') or float('nan'):7.3f} {r['e2e_cached_prompt_s'] or float('nan'):7.3f} {r['psnr_vs_baseline_db'] or float('nan'):8.2f}"
         )
     print(f"encoder, 512 tokens: {report['info'].get('encoder_512_tokens_s', float('nan')) * 1000:.1f} ms")
