@@ -9,16 +9,21 @@ import time
 
 import torch
 
-from lensrun import LensPipeline
+from lensrun import LensPipeline, attention
 from lensrun.random_checkpoint import ensure_checkpoint
 from lensrun.request import GenerationRequest
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--root", default="/tmp/lens-full")
 ap.add_argument("--precision", default="bf16")
+ap.add_argument("--attention", default="auto")
 args = ap.parse_args()
 ensure_checkpoint(args.root, device="cuda")
-p = LensPipeline.from_pretrained(args.root, dtype=torch.bfloat16, device="cuda").optimize(True, args.precision)
+p = LensPipeline.from_pretrained(args.root, dtype=torch.bfloat16, device="cuda")
+backend, why = attention.resolve(args.attention, args.precision, p.device, p.dtype)
+p.transformer.set_attention_backend(backend)
+print(why, flush=True)
+p.optimize(True, args.precision)
 req = GenerationRequest.build(prompt="x", seed=7, base_resolution=1024, aspect_ratio="1:1", steps=4, cfg=5.0)
 cond = p.encode_one("a lighthouse on a cliff at dusk")
 empty = [f[:, :0] for f in cond]
@@ -30,3 +35,5 @@ for i in range(4):
     p.denoise(noise, cond, empty, req)
     torch.cuda.synchronize()
     print(f"=== call {i}: {time.perf_counter() - t:.2f} s", flush=True)
+    if i == 0:  # where the first call's time went: tracing, AOT, Inductor, Triton (seconds per phase)
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)

@@ -47,11 +47,14 @@ def _torchao_config(precision: str):
         PerRow,
     )
 
+    # set_inductor_config=False: torchao's default turns on Inductor's coordinate-descent tuning for the whole
+    # process, which cost fp8 235 s of a cold first image on an H200 (78 s with warm caches; docs/performance.md).
+    keep = {"set_inductor_config": False}
     return {
-        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        "fp8-weight": Float8WeightOnlyConfig,
-        "int8-weight": Int8WeightOnlyConfig,
-        "int4-weight": lambda: Int4WeightOnlyConfig(group_size=128),
+        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **keep),
+        "fp8-weight": lambda: Float8WeightOnlyConfig(**keep),
+        "int8-weight": lambda: Int8WeightOnlyConfig(**keep),
+        "int4-weight": lambda: Int4WeightOnlyConfig(group_size=128, **keep),
     }[precision]()
 
 
