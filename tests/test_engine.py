@@ -190,3 +190,32 @@ def test_importing_lensrun_loads_no_model_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_compiled_shared_engine_runs_eagerly_for_a_run_that_asks_so(tmp_path, monkeypatch):
+    """One model per process whatever --compile says: a later --no-compile run must not go through the compiled
+    blocks (its image would differ by kernel rounding), and a compiled run after it reuses them."""
+    import torch
+
+    calls: list[int] = []
+
+    def counting(gm, example_inputs):
+        return lambda *args: (calls.append(1), gm(*args))[1]
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(Engine, "_shared", {})
+
+    def run(compile: bool):
+        engine = Engine.shared(EngineOptions(model="tiny-random", device="cpu", compile=compile))
+        before = len(calls)
+        task = Task(engine.request(prompt="p", height=32, width=32, steps=2, seed=1), path=tmp_path / f"{len(calls)}.png")
+        [result] = engine.run([task])
+        return engine, result.report["compiled"], len(calls) - before
+
+    first, compiled, graph_calls = run(True)
+    assert compiled is True and graph_calls > 0
+    second, compiled, graph_calls = run(False)
+    assert second is first and compiled is False and graph_calls == 0
+    third, compiled, graph_calls = run(True)
+    assert third is first and compiled is True and graph_calls > 0

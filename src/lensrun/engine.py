@@ -399,6 +399,8 @@ class Engine:
                     say("compiling in the background; runs stay eager until it is ready")
             else:  # before placement: a stream plan wraps the blocks it streams
                 pipe.optimize(compile=True, precision=pipe.precision)
+        elif not compile and pipe.compiled:
+            pipe.use_eager()
         pipe.apply_plan(plan, self.device)
 
     def _fill_caches_first(self, plan: memory.Plan, key: str) -> bool:

@@ -269,7 +269,10 @@ class LensPipeline:
             self.precision = precision
         if compile and not self.compiled:
             acceleration.compile_cache_dir()
-            self.transformer.compile_blocks()
+            if self.transformer.compiled_gate is None:
+                self.transformer.compile_blocks()
+            else:  # compiled before ``use_eager``: the same compiled code again
+                self.transformer.compiled_gate.open = True
             self._compiled_now()
         self._reset_graphs()  # new compiled code or quantized weights: captured graphs would be stale
         return self
@@ -288,6 +291,14 @@ class LensPipeline:
         job.gate.open = True
         self._compiled_now()
         self._reset_graphs()
+
+    def use_eager(self) -> None:
+        """Between runs: the blocks run eagerly again (a run that asked for no compilation in a process that has
+        compiled: its images must be the eager ones); their compiled code stays for a later compiled run."""
+        if self.compiled:
+            self.transformer.compiled_gate.open = False
+            self.compiled = False
+            self._reset_graphs()
 
     def _compiled_now(self) -> None:
         if self.device.type == "cuda" and self.text_encoder is not None:

@@ -300,7 +300,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._compiled_blocks = False
+        self.compiled_gate: CompiledGate | None = None  # set by compile_blocks
         self.sequence = None  # a lensrun.parallel.SequenceGroup: the latents given are this rank's slice
 
     def set_attention_backend(self, name: str) -> None:
@@ -353,13 +353,13 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
             block.compile(**options)
             compiled, eager = block._compiled_call_impl, block._call_impl
             block._compiled_call_impl = gate.route(compiled, eager)
-        self._compiled_blocks = True
+        self.compiled_gate = gate
         return gate
 
     def _symbolic_tokens(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Mark the image and text token dimensions of block 0's inputs as varying, for a compiled block's first
         compilation (later blocks get tensors of the same sizes; a text length of 0 still gets its own graph)."""
-        if self._compiled_blocks:
+        if self.compiled_gate is not None:
             for t, dim in ((x, 1), (c, 1), (cos, 0), (sin, 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
