@@ -154,3 +154,25 @@ def test_quantizing_leaves_the_compiler_settings_alone():
     weight = pipe.transformer.transformer_blocks[1].attn.img_qkv.weight
     assert type(weight) not in (torch.Tensor, torch.nn.Parameter)  # quantized
     assert {name: getattr(inductor, name) for name in names} == before
+
+
+@pytest.mark.parametrize("users", [None, "mine"])
+def test_the_compile_cache_is_lensruns_unless_the_user_chose_one(tmp_path, users):
+    """Inductor writes its default into TORCHINDUCTOR_CACHE_DIR when it first looks; if that happened before
+    lensrun was imported, lensrun must still keep compiled code in its own cache folder (where its warm-cache
+    markers are), and a folder the user chose stays theirs."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir; cache_dir(); "
+        "from lensrun.acceleration import compile_cache_dir; print(compile_cache_dir()); print(compile_cache_dir())"
+    )
+    env = {**os.environ, "LENSRUN_CACHE_DIR": str(tmp_path / "lensrun")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if users:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / users)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    expected = tmp_path / users if users else tmp_path / "lensrun" / "inductor"
+    assert out == [str(expected)] * 2

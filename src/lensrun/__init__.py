@@ -3,12 +3,9 @@
 Names are imported on first use, so `lensrun --help` and `lensrun plan` start without loading the model code.
 """
 
-import os
 from importlib import import_module
 
 __version__ = "0.1.0"
-# Read before torch's inductor can fill it in with its own default (it sets the variable when it first looks).
-USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 _EXPORTS = {
     "LensPipeline": "lensrun.pipeline",

@@ -99,12 +99,23 @@ def attention_kernels(device: torch.device):
         yield
 
 
+_OUR_INDUCTOR_CACHE: str | None = None  # what compile_cache_dir last put in TORCHINDUCTOR_CACHE_DIR
+
+
 def compile_cache_dir() -> Path:
     """Inductor's on-disk cache, kept between runs under lensrun's cache folder (or where the user's own
-    ``TORCHINDUCTOR_CACHE_DIR`` points), so a shape compiles once per machine."""
-    from lensrun import USER_INDUCTOR_CACHE
+    ``TORCHINDUCTOR_CACHE_DIR`` points), so a shape compiles once per machine.
+
+    Inductor writes its default into that variable when it first looks, so a value equal to that default (or
+    to the folder lensrun itself put there) is not the user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
     from lensrun.prompt_cache import default_cache_dir
 
-    folder = USER_INDUCTOR_CACHE or str(default_cache_dir() / "inductor")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # inductor reads it at each look-up
-    return Path(folder)
+    global _OUR_INDUCTOR_CACHE
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and current not in (_OUR_INDUCTOR_CACHE, os.path.abspath(inductor_default())):
+        return Path(current)
+    _OUR_INDUCTOR_CACHE = str(default_cache_dir() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OUR_INDUCTOR_CACHE  # inductor reads it at each look-up
+    return Path(_OUR_INDUCTOR_CACHE)
