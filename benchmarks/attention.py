@@ -3,6 +3,9 @@ backend with its PSNR against SDPA's image.
 
 Kernel rows: B=1, 24 heads of 64, non-causal, S = 4196 (1024², 100 text tokens) and 8328 (1440² 16:9 with
 text); error = max |out − fp32 SDPA| on unit-variance inputs; fa3-fp8 with per-head scales from the real values.
+Candidates not (yet) lensrun backends are measured when importable: ``flash-attn-4`` (CuTe-DSL FlashAttention,
+JIT-compiled on its first call: that call's time is its own column) and ``sageattention`` 1.x (Triton, INT8
+Q·K). Bringing them to the GPU machine: benchmarks/README.md.
 
     python benchmarks/attention.py --root /tmp/lens-full --json attention.json
 """
@@ -48,12 +51,49 @@ def kernel_rows() -> list[dict]:
         for backend in ("fa3", "fa3-fp8"):
             if attention.installed(backend) and attention.supported(backend, torch.device("cuda")):
                 cases[backend] = lambda q, k, v, b=backend: attention.attend(q, k, v, None, b)
+        cases.update(candidates())
         for case, fn in cases.items():
-            seconds = timed(lambda f=fn, args=(qb, kb, vb): f(*args))
-            error = float((fn(qb, kb, vb).float() - reference).abs().max())
-            rows.append({"sequence": name, "tokens": tokens, "backend": case, "ms": seconds * 1e3,
+            try:
+                first = first_call_seconds(fn, qb, kb, vb)
+                seconds = timed(lambda f=fn, args=(qb, kb, vb): f(*args))
+                error = float((fn(qb, kb, vb).float() - reference).abs().max())
+            except Exception as err:  # noqa: BLE001 - a candidate that fails at this shape is a row, not the end
+                rows.append({"sequence": name, "tokens": tokens, "backend": case, "error": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            rows.append({"sequence": name, "tokens": tokens, "backend": case, "ms": seconds * 1e3, "first_call_s": first,
                          "tflops": flops / seconds / 1e12, "max_error": error})  # fmt: skip
     return rows
+
+
+def first_call_seconds(fn, q, k, v) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(q, k, v)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def candidates() -> dict:
+    """Kernels measured here before lensrun adopts them: [B, H, L, D] in, [B, H, L, D] out."""
+    found = {}
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+    except ImportError:
+        fa4 = None
+    if fa4 is not None:
+
+        def flash_attn_4(q, k, v):
+            out = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+        found["flash-attn-4"] = flash_attn_4
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        sageattn = None
+    if sageattn is not None:
+        found["sage (int8 QK)"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    return found
 
 
 def _sdpa(q, k, v, backend, sdpa_kernel):
@@ -87,15 +127,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/lens-full")
     ap.add_argument("--json", default="attention.json")
+    ap.add_argument("--kernels-only", action="store_true", help="skip the compiled denoise rows")
     args = ap.parse_args()
     from lensrun.random_checkpoint import ensure_checkpoint
 
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_rows()}
-    print(f"{'sequence':<11} {'backend':<14} {'ms':>7} {'TFLOP/s':>8} {'max err':>9}")
+    print(f"{'sequence':<11} {'backend':<14} {'ms':>7} {'TFLOP/s':>8} {'max err':>9} {'1st call s':>10}")
     for r in result["kernels"]:
-        print(f"{r['sequence']:<11} {r['backend']:<14} {r['ms']:>7.3f} {r['tflops']:>8.0f} {r['max_error']:>9.1e}")
+        if "error" in r:
+            print(f"{r['sequence']:<11} {r['backend']:<14} failed: {r['error']}")
+            continue
+        print(f"{r['sequence']:<11} {r['backend']:<14} {r['ms']:>7.3f} {r['tflops']:>8.0f} {r['max_error']:>9.1e} {r['first_call_s']:>10.2f}")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
+    if args.kernels_only:
+        return
     ensure_checkpoint(args.root, device="cuda")
     result["denoise_1024"] = denoise_rows(args.root)
     for r in result["denoise_1024"]:
