@@ -91,6 +91,15 @@ def test_the_backend_is_set_on_every_block_and_recorded(tmp_path):
     assert isinstance(pipe.transformer, LensTransformer2DModel)
     pipe.transformer.set_attention_backend("fa3")
     assert {b.attn.backend for b in pipe.transformer.transformer_blocks} == {"fa3"}
+    for diffusers_name, ours in (("native", "sdpa"), ("_flash_3", "fa3"), ("_native_cudnn", "sdpa")):
+        pipe.transformer.set_attention_backend(diffusers_name)
+        assert pipe.transformer.attention_backend == ours
+    pipe.transformer.set_attention_backend("fa3-fp8")
+    pipe.transformer.reset_attention_backend()
+    assert {b.attn.backend for b in pipe.transformer.transformer_blocks} == {"sdpa"}
+    with pytest.raises(LensrunError, match="'flash' is not one of sdpa, fa3, fa3-fp8 \\(or diffusers' native"):
+        pipe.transformer.set_attention_backend("flash")  # FlashAttention-2: not a lensrun backend
+    assert pipe.transformer.attention_backend == "sdpa"
 
 
 def test_replay_of_an_fa3_image_here_uses_sdpa_and_says_so(tmp_path, monkeypatch):

@@ -33,9 +33,23 @@ E4M3_MAX = 448.0
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what FlashAttention-3 computes in (fp8 inputs come from these)
 
 
+# diffusers' attention-dispatcher names for the same kernels (``ModelMixin.set_attention_backend``).
+DIFFUSERS_NAMES = {"native": "sdpa", "_native_cudnn": "sdpa", "_flash_3": "fa3"}
+
+
 def check(name: str) -> str:
     if name not in CHOICES:
         raise LensrunError(f"attention backend '{name}' is not one of {', '.join(CHOICES)}")
+    return name
+
+
+def backend_name(name: str) -> str:
+    """A backend for ``set_attention_backend``: lensrun's name, or diffusers' name for the same kernel."""
+    name = DIFFUSERS_NAMES.get(name, name)
+    if name not in BACKENDS:
+        raise LensrunError(
+            f"attention backend '{name}' is not one of {', '.join(BACKENDS)} (or diffusers' {', '.join(DIFFUSERS_NAMES)})"
+        )
     return name
 
 

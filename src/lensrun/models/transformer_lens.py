@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from torch import nn
 
-from lensrun.attention import attend
+from lensrun.attention import attend, backend_name
 
 ROPE_THETA = 10000.0
 
@@ -304,10 +304,15 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.sequence = None  # a lensrun.parallel.SequenceGroup: the latents given are this rank's slice
 
     def set_attention_backend(self, name: str) -> None:
-        """Every block's joint attention through ``name`` (a ``lensrun.attention`` backend; diffusers' name for
-        the same call)."""
+        """Every block's joint attention through ``name``: a ``lensrun.attention`` backend, or diffusers'
+        dispatcher name for the same kernel (``native``, ``_native_cudnn``, ``_flash_3``); as diffusers' call."""
+        name = backend_name(name)
         for block in self.transformer_blocks:
             block.attn.backend = name
+
+    def reset_attention_backend(self) -> None:
+        """Back to torch's SDPA (diffusers' call of the same name)."""
+        self.set_attention_backend("sdpa")
 
     @property
     def attention_backend(self) -> str:
