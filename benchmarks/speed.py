@@ -114,7 +114,7 @@ def main() -> None:
     noise = {k: pipe.initial_noise(7, r.grid) for k, r in reqs.items()}
     reference_file = Path(args.reference)
     reference_images: dict[str, torch.Tensor] = {}
-    if reference_file.exists() and "baseline" not in modes:
+    if reference_file.exists():
         reference_images = {k: v.to(device) for k, v in load_file(reference_file).items()}
     log(f"loaded; prompt is {text_len} tokens")
 
@@ -137,8 +137,8 @@ def main() -> None:
             warm_t, _ = timed(fn, 2)  # the second warm-up is where a compiled run captures its step graph
             times, latents = timed(fn, args.repeats)
             image = decode_tokens(p.vae, latents, r.grid)
-            if mode == "baseline":
-                reference_images[case] = image
+            if mode in ("baseline", "compiled"):  # kept for later splits: fp8 is also compared with bf16
+                reference_images[case if mode == "baseline" else f"compiled/{case}"] = image
                 save_file({k: v.contiguous().cpu() for k, v in reference_images.items()}, reference_file)
             n = r.grid[0] * r.grid[1]
             flops = r.steps * (forward_flops(n, text_len) + (forward_flops(n, 0) if r.cfg != 1.0 else 0))
@@ -158,6 +158,8 @@ def main() -> None:
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
                 "encode_cached_s": timings.get("encode"), "decode_s": timings.get("decode"),
                 "psnr_vs_baseline_db": psnr(image, reference_images[case]) if case in reference_images else None,
+                "psnr_vs_compiled_bf16_db": psnr(image, reference_images[f"compiled/{case}"])
+                if mode == "fp8" and f"compiled/{case}" in reference_images else None,
                 "cache_skipped": stats.get("cache_skipped") if mode != "baseline" else None,
                 "step_graphs": None if mode == "baseline" else
                 {"on": p.graph_steps, "captured": len(p.step_graphs.graphs), "failed": p.step_graphs.failed},
@@ -192,13 +194,13 @@ def main() -> None:
         run_mode("fp8", fp8)
 
     print(f"\nGPU {report['info']['gpu']}, torch {report['info']['torch']}, {report['info']['date']}")
-    print(f"{'mode':15s} {'attention':9s} {'case':15s} {'denoise s':>9s} {'speedup':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'e2e s':>7s} {'1st new':>7s} {'cached':>7s} {'PSNR dB':>8s}")
+    print(f"{'mode':15s} {'attention':9s} {'case':15s} {'denoise s':>9s} {'speedup':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'e2e s':>7s} {'1st new':>7s} {'cached':>7s} {'PSNR dB':>8s} {'vs bf16':>8s}")
     base = {r["case"]: r["denoise_s"] for r in report["rows"] if r["mode"] == "baseline"}
     for r in report["rows"]:
         sp = base.get(r["case"], float("nan")) / r["denoise_s"]
         print(
             f"{r['mode']:15s} {r.get('attention', 'sdpa'):9s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
-            f"{r['e2e_s'] or float('nan'):7.3f} {r.get('e2e_first_new_prompt_s') or float('nan'):7.3f} {r['e2e_cached_prompt_s'] or float('nan'):7.3f} {r['psnr_vs_baseline_db'] or float('nan'):8.2f}"
+            f"{r['e2e_s'] or float('nan'):7.3f} {r.get('e2e_first_new_prompt_s') or float('nan'):7.3f} {r['e2e_cached_prompt_s'] or float('nan'):7.3f} {r['psnr_vs_baseline_db'] or float('nan'):8.2f} {r.get('psnr_vs_compiled_bf16_db') or float('nan'):8.2f}"
         )
     print(f"encoder, 512 tokens: {report['info'].get('encoder_512_tokens_s', float('nan')) * 1000:.1f} ms")
 

@@ -145,6 +145,7 @@ def test_quantizing_leaves_the_compiler_settings_alone():
     compiles."""
     pytest.importorskip("torchao")
     import torch._inductor.config as inductor
+
     from lensrun import LensPipeline
 
     names = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul")
