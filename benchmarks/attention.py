@@ -88,12 +88,65 @@ def candidates() -> dict:
 
         found["flash-attn-4"] = flash_attn_4
     try:
+        import cudnn
+    except ImportError:
+        cudnn = None
+    if cudnn is not None:
+        found["cudnn-fp8 (per tensor)"] = CudnnFp8(cudnn)
+    try:
         from sageattention import sageattn
     except ImportError:
         sageattn = None
     if sageattn is not None:
         found["sage (int8 QK)"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
     return found
+
+
+class CudnnFp8:
+    """cuDNN's fp8 flash attention through ``nvidia-cudnn-frontend`` (inference, no mask): e4m3 q/k/v with one
+    scale each (amax / 448 over every head: cuDNN takes per-tensor scales), probabilities scaled by 448 inside,
+    e4m3 output scaled by v's scale (|O| ≤ max |v|) and brought back to bf16 here. One graph per shape."""
+
+    def __init__(self, cudnn) -> None:
+        self.cudnn = cudnn
+        self.graphs: dict = {}
+
+    def _graph(self, shape: tuple, device: torch.device):
+        cudnn = self.cudnn
+        fp8 = cudnn.data_type.FP8_E4M3
+        graph = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=cudnn.data_type.FLOAT,
+                              compute_data_type=cudnn.data_type.FLOAT)  # fmt: skip
+        template = torch.empty(shape, dtype=torch.uint8, device=device)
+        scalar = torch.ones(1, 1, 1, 1, dtype=torch.float32, device=device)
+        q, k, v = (graph.tensor_like(template).set_data_type(fp8) for _ in range(3))
+        scalars = [graph.tensor_like(scalar) for _ in range(6)]
+        names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+        common = dict(q=q, k=k, v=v, **dict(zip(names, scalars, strict=True)), attn_scale=shape[-1] ** -0.5, use_causal_mask=False)
+        try:
+            o, _, amax_s, amax_o = graph.sdpa_fp8(**common, generate_stats=False)
+        except TypeError:  # frontends before generate_stats
+            o, _, amax_s, amax_o = graph.sdpa_fp8(**common, is_inference=True)
+        o.set_output(True).set_dim(list(shape)).set_stride(list(template.stride())).set_data_type(fp8)
+        for amax in (amax_s, amax_o):
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
+        graph.build([cudnn.heur_mode.A])
+        workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=device)
+        amaxes = [torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=device) for _ in range(2)]
+        return graph, (q, k, v, o, *scalars, amax_s, amax_o), workspace, amaxes
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        key = (tuple(q.shape), q.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._graph(tuple(q.shape), q.device)
+        graph, names, workspace, amaxes = self.graphs[key]
+        scales = [(t.abs().amax().float() / 448).clamp_min(1e-12).reshape(1, 1, 1, 1) for t in (q, k, v)]
+        q8, k8, v8 = ((t / s.to(t.dtype)).to(torch.float8_e4m3fn).contiguous() for t, s in zip((q, k, v), scales, strict=True))
+        out = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
+        softmax = torch.full((1, 1, 1, 1), 448.0, device=q.device)
+        values = [q8.view(torch.uint8), k8.view(torch.uint8), v8.view(torch.uint8), out.view(torch.uint8),
+                  *scales, 1 / softmax, softmax, 1 / scales[2], *amaxes]  # fmt: skip
+        graph.execute(dict(zip(names, values, strict=True)), workspace)
+        return (out.float() * scales[2]).to(q.dtype)
 
 
 def _sdpa(q, k, v, backend, sdpa_kernel):
