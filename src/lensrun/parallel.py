@@ -11,8 +11,12 @@
   may round differently: PSNR against the single-GPU image is reported, not bit equality. Measured slower
   than one GPU while its exchanges broke the compiled blocks' graphs (``ONE_GPU_INSTEAD``), so ``lensrun
   generate --gpus`` does not use it; the exchanges are now functional collectives traced into the blocks.
+* Both (an even count above two, guided images; ``launch(mode="cfg+sequence")``): the first half of the ranks
+  runs the conditional branch, the second half the unconditional one, each half splitting its tokens as
+  above; rank j and rank j + N/2 hold the same tokens and exchange their velocities each step. Like
+  sequence-parallel, not yet measured on GPUs, so not chosen by ``--gpus``.
 
-Either way rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
+In every mode rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
 and writes the PNGs.
 
 ``launch`` spawns one worker process per GPU (``torch.multiprocessing``, NCCL on CUDA, gloo on the CPU for
@@ -33,22 +37,49 @@ import torch.distributed._functional_collectives as funcol
 
 from lensrun.errors import LensrunError
 
+# torch 2.13 renamed all_gather_tensor (kept, with a warning); the GPU machine's 2.11 has only the old name.
+_ALL_GATHER = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+MODE_NAMES = {"cfg": "CFG-parallel", "sequence": "sequence-parallel", "cfg+sequence": "CFG-parallel × sequence-parallel"}
 
 
 @dataclass
 class Group:
-    """This process's place in the group: ``mode`` 'cfg' (rank 0 conditional, rank 1 unconditional) or
-    'sequence' (rank r holds the r-th slice of the image tokens)."""
+    """This process's place in the group. ``mode``: 'cfg' (2 ranks: rank 0 the conditional branch, rank 1 the
+    unconditional one), 'sequence' (every rank a slice of the image tokens, both branches), or 'cfg+sequence'
+    (an even count: the first half runs the conditional branch, the second half the unconditional one, each
+    half splitting its tokens). ``sequence``: this rank's token-slicing group, if any; ``pair``: the process
+    group that exchanges the two branches' velocities (None: every rank)."""
 
     rank: int
     world: int
     device: torch.device
     mode: str = "cfg"
+    sequence: Sequence | None = None
+    pair: object | None = None
+
+    @classmethod
+    def create(cls, rank: int, world: int, device: torch.device, mode: str) -> Group:
+        """The group for ``mode``; every rank calls this in the same order (process groups are made together)."""
+        if mode == "cfg":
+            return cls(rank, world, device, mode)
+        if mode == "sequence":
+            return cls(rank, world, device, mode, Sequence(rank, world, dist.group.WORLD))
+        half = world // 2
+        halves = [dist.new_group(list(range(b * half, (b + 1) * half))) for b in range(2)]
+        pairs = [dist.new_group([j, j + half]) for j in range(half)]
+        return cls(rank, world, device, mode, Sequence(rank % half, half, halves[rank // half]), pairs[rank % half])
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    @property
+    def branch(self) -> int:
+        """0: this rank computes the conditional velocity, 1: the unconditional one (CFG modes)."""
+        return self.rank // (self.world // 2)
 
     def share(self, tensors: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Rank 0's tensors on every rank (others pass None): shapes and dtypes first, then the data."""
@@ -67,22 +98,32 @@ class Group:
         dist.broadcast_object_list(box, src=0, device=self._object_device())
         return box[0]
 
-    def gather(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's tensor of this shape, in rank order."""
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine.contiguous())
-        return out
+    def branches(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) velocity of this rank's tokens: its own and its counterpart's."""
+        out = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(out, mine.contiguous(), group=self.pair)
+        return out[0], out[1]
 
     def _object_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
 
-    # ------------------------------------------------------------------------------ sequence parallelism
+
+@dataclass
+class Sequence:
+    """Ranks that share one branch's image tokens (Ulysses): ``rank`` and ``world`` within ``group``."""
+
+    rank: int
+    world: int
+    group: object
+
     def shard(self, tokens: torch.Tensor) -> torch.Tensor:
         """This rank's slice [B, N/P, C] of image tokens [B, N, C]."""
         return tokens.chunk(self.world, dim=1)[self.rank].contiguous()
 
     def unshard(self, local: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.gather(local), dim=1)
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local.contiguous(), group=self.group)
+        return torch.cat(out, dim=1)
 
     def local_rows(self, table: torch.Tensor, image_tokens: int) -> torch.Tensor:
         """This rank's image rows of a per-position table [N + S, …], then every text row."""
@@ -95,7 +136,7 @@ class Group:
         """[B, H, n, D] (this rank's tokens, every head) → [B, H/P, P·n, D] (every token, this rank's heads)."""
         b, h, n, d = x.shape
         send = x.reshape(b, self.world, h // self.world, n, d).transpose(0, 1).contiguous()
-        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, dist.group.WORLD))
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, self.group))
         return recv.permute(1, 2, 0, 3, 4).reshape(b, h // self.world, self.world * n, d)
 
     def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +144,7 @@ class Group:
         b, hp, tokens, d = x.shape
         n = tokens // self.world
         send = x.reshape(b, hp, self.world, n, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, dist.group.WORLD))
+        recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, self.group))
         return recv.transpose(0, 1).reshape(b, self.world * hp, n, d)
 
     def my_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +155,7 @@ class Group:
         """[B, H/P, S, D] from every rank → [B, H, S, D]."""
         if x.shape[2] == 0:  # the empty negative prompt: nothing to exchange
             return x.new_empty(x.shape[0], x.shape[1] * self.world, 0, x.shape[3])
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, dist.group.WORLD))
+        return funcol.wait_tensor(_ALL_GATHER(x.contiguous(), 1, self.group))
 
 
 HEADS = 24  # Lens's attention heads: a sequence-parallel group splits them evenly
@@ -150,22 +191,27 @@ def check_gpus(gpus: int, device: str | None) -> None:
 
 
 def mode_for(tasks, gpus: int) -> str:
-    """'cfg' for two GPUs and guided images (exact, one exchange per step), else 'sequence' (the heads and
-    every image's tokens must split evenly; a clear error otherwise)."""
-    if gpus == 2 and all(t.request.cfg != 1.0 for t in tasks):
+    """How ``gpus`` ranks share these images: 'cfg' for two GPUs and guided images (exact, one exchange per
+    step); 'cfg+sequence' for an even count above two and guided images (each branch's tokens split over half
+    the ranks); else 'sequence'. The heads and every image's tokens must split evenly (a clear error
+    otherwise)."""
+    guided = all(t.request.cfg != 1.0 for t in tasks)
+    if gpus == 2 and guided:
         return "cfg"
-    if HEADS % gpus:
-        raise LensrunError(f"{gpus} GPUs: the {HEADS} attention heads do not split evenly")
+    mode = "cfg+sequence" if guided and gpus % 2 == 0 else "sequence"
+    split = gpus // 2 if mode == "cfg+sequence" else gpus
+    if HEADS % split:
+        raise LensrunError(f"{gpus} GPUs ({MODE_NAMES[mode]}): the {HEADS} attention heads do not split over {split}")
     for t in tasks:
         h, w = t.request.grid
-        if (h * w) % gpus:
-            raise LensrunError(f"{t.request.width}x{t.request.height} has {h * w} latent tokens, which do not split over {gpus} GPUs")
-    return "sequence"
+        if (h * w) % split:
+            raise LensrunError(f"{t.request.width}x{t.request.height} has {h * w} latent tokens, which do not split over {split} GPUs")
+    return mode
 
 
 def launch(options, tasks: list, notify=None, progress: bool = False, mode: str | None = None) -> None:
     """Run ``tasks`` (their PNG paths set) on ``options.gpus`` worker processes; returns when every PNG is written.
-    ``mode``: 'cfg' or 'sequence' (default: ``mode_for``). A worker's error ends the run with that error."""
+    ``mode``: one of ``MODE_NAMES`` (default: ``mode_for``). A worker's error ends the run with that error."""
     import pickle
 
     import torch.multiprocessing as mp
@@ -203,17 +249,17 @@ def _worker(rank: int, world: int, mode: str, backend: str, port: int, options, 
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     try:
-        group = Group(rank, world, device, mode)
+        group = Group.create(rank, world, device, mode)
         local = dataclasses.replace(options, device=str(device), gpus=1)
         say = notify if group.leader else None
         engine = Engine.load(local, [t.request for t in tasks], say)
         engine.pipe.parallel = group
-        if mode == "sequence":
-            engine.pipe.transformer.split_sequence(group)
+        if group.sequence is not None:
+            engine.pipe.transformer.split_sequence(group.sequence)
         plans, why = engine.plans([t.request for t in tasks])
-        plans = group.share_object(plans)  # one plan for both: the same precision, so the same arithmetic
+        plans = group.share_object(plans)  # one plan for all: the same precision, so the same arithmetic
         if say is not None:
-            say(f"{'CFG' if mode == 'cfg' else 'sequence'}-parallel on {world} devices; {why}")
+            say(f"{MODE_NAMES[mode]} on {world} devices; {why}")
         mine = tasks if group.leader else [dataclasses.replace(t, path=None, keep=None) for t in tasks]
         engine.run(mine, plans=plans, notify=say, progress=progress and group.leader)
     except Exception as err:

@@ -434,7 +434,7 @@ class LensPipeline:
         conditioning = self.transformer.conditioning(timesteps)
         # Sequence-parallel: this rank's slice of the image tokens runs the loop below, gathered at the end.
         sequence = self.parallel is not None and self.parallel.mode == "sequence"
-        if self.parallel is not None and not sequence and uncond is not None:
+        if self.parallel is not None and self.parallel.mode != "sequence" and uncond is not None:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
@@ -451,7 +451,7 @@ class LensPipeline:
         cache = None if sequence else req.cache  # a block skipped on one rank only would desync the exchanges
         caches = [FirstBlockCache(cache), FirstBlockCache(cache)] if cache else [None, None]
         if sequence:
-            latents = self.parallel.shard(latents)
+            latents = self.parallel.sequence.shard(latents)
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):
                 t = timesteps[i : i + 1]
@@ -475,22 +475,26 @@ class LensPipeline:
         if stats is not None and cache:
             for name in ("skipped", "computed"):
                 stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + sum(getattr(c, name) for c in caches)
-        return self.parallel.unshard(latents) if sequence else latents
+        return self.parallel.sequence.unshard(latents) if sequence else latents
 
     def _denoise_cfg_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
-        """Each rank computes its branch's velocity (rank 0 conditional, rank 1 unconditional) exactly as one GPU
-        would, then one all-gather; every rank takes the same guided Euler step."""
-        mine = cond if self.parallel.leader else uncond
+        """Each rank computes its branch's velocity (the conditional one on the first half of the ranks) exactly
+        as one GPU would — over its slice of the tokens when the branch is split too — then one exchange with
+        the rank holding the same tokens of the other branch; both take the same guided Euler step."""
+        group = self.parallel
+        mine = cond if group.branch == 0 else uncond
         img_shapes = [(1, *req.grid)]
+        if group.sequence is not None:
+            latents = group.sequence.shard(latents)
         with acceleration.attention_kernels(self.device):
             for i in range(req.steps):
                 t = timesteps[i : i + 1]
                 v = self.transformer(latents, mine, None, t, img_shapes, step_conditioning=conditioning.select(i)).sample
-                v_c, v_u = self.parallel.gather(v)[:2]
+                v_c, v_u = group.branches(v)
                 latents = euler_step(latents, guided_velocity(v_c.float(), v_u.float(), req.cfg), sigmas[i], sigmas[i + 1])
                 if on_step is not None:
                     on_step(i + 1, req.steps)
-        return latents
+        return group.sequence.unshard(latents) if group.sequence is not None else latents
 
     @torch.inference_mode()
     def denoise_reference(

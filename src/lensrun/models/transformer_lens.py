@@ -95,7 +95,7 @@ class LensJointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
         self.to_add_out = nn.Linear(heads * head_dim, dim)
-        # lensrun.parallel.Group while this rank holds a slice of the image tokens (Ulysses); not a module
+        # a lensrun.parallel.Sequence while this rank holds a slice of the image tokens (Ulysses); not a module
         self.sequence = None
         self.backend = "sdpa"  # lensrun.attention backend name
 
@@ -301,7 +301,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compiled_gate: CompiledGate | None = None  # set by compile_blocks
-        self.sequence = None  # a lensrun.parallel.SequenceGroup: the latents given are this rank's slice
+        self.sequence = None  # a lensrun.parallel.Sequence: the latents given are this rank's slice
 
     def set_attention_backend(self, name: str) -> None:
         """Every block's joint attention through ``name``: a ``lensrun.attention`` backend, or diffusers'
