@@ -112,7 +112,7 @@ def test_every_engine_option_reaches_the_engine_from_cli_and_api(monkeypatch, tm
     monkeypatch.setattr(Engine, "shared", classmethod(shared))
     examples = {s.name: s.example for s in option_specs(EngineOptions)}
     examples.update(vram=None, placement=None)  # CPU runs refuse a budget or a placement (tested elsewhere)
-    examples.update(offload=False, gpus=1)  # --gpus 2 spawns workers (tests/test_parallel.py)
+    examples.update(offload=False, gpus=1, split="auto")  # --gpus 2 spawns workers (tests/test_parallel.py)
     given = {k: v for k, v in examples.items() if v is not None and v is not False}
     with pytest.raises(Stop):
         api.generate("x", out=tmp_path, **given)

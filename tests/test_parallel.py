@@ -29,18 +29,13 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
-def test_turbo_splits_the_sequence_over_two_processes(tmp_path):
-    """CFG 1 has no second branch: the image tokens are split (Ulysses) and the image is the single-process one
-    (equal in fp32 on the CPU; on GPUs in bf16, GEMMs over fewer rows may round differently: docs/scale-out.md)."""
-    from lensrun.engine import Task
-    from lensrun.parallel import launch
-    from lensrun.request import EngineOptions, GenerationRequest
-
+def test_turbo_splits_the_sequence_over_two_processes_when_asked(tmp_path):
+    """CFG 1 has no second branch: ``--split sequence`` splits the image tokens (Ulysses) and the image is the
+    single-process one (equal in fp32 on the CPU; on GPUs in bf16, GEMMs over fewer rows may round
+    differently: docs/scale-out.md)."""
     one = api.generate("a kite", out=tmp_path / "one", cfg=1.0, seed=4, **TINY)
-    request = GenerationRequest.build(prompt="a kite", cfg=1.0, seed=4, **{k: v for k, v in TINY.items() if k in ("height", "width", "steps")})
-    task = Task(request.images()[0], path=tmp_path / "two" / "x.png")
-    launch(EngineOptions(model="tiny-random", device="cpu", gpus=2).resolved(), [task])  # CFG 1: 'sequence' chosen
-    assert _psnr(one[0], task.path) == float("inf")
+    two = api.generate("a kite", out=tmp_path / "two", cfg=1.0, seed=4, gpus=2, split="sequence", **TINY)
+    assert _psnr(one[0], two[0]) == float("inf")
 
 
 def test_generate_runs_turbo_on_one_gpu_and_says_why(tmp_path):
@@ -64,21 +59,13 @@ def test_sequence_parallel_with_guidance(tmp_path):
 
 
 def test_four_processes_split_both_branches_and_their_tokens(tmp_path):
-    """An even count above two: the conditional branch on ranks 0-1, the unconditional one on ranks 2-3, each
-    pair splitting the tokens; rank j and j + 2 exchange velocities. The single-process image up to the rounding
-    of GEMMs over fewer rows: 84.8 dB, as the plain two-rank sequence split gives with this negative prompt (the
-    issue's floor is 40 dB; a wrong exchange gives noise)."""
-    from lensrun.engine import Task
-    from lensrun.parallel import launch, mode_for
-    from lensrun.request import EngineOptions, GenerationRequest
-
-    size = {k: v for k, v in TINY.items() if k in ("height", "width", "steps")}
+    """``--gpus 4 --split cfg+sequence``: the conditional branch on ranks 0-1, the unconditional one on ranks
+    2-3, each pair splitting the tokens; rank j and j + 2 exchange velocities. The single-process image up to
+    the rounding of GEMMs over fewer rows: 84.8 dB, as the plain two-rank sequence split gives with this
+    negative prompt (the issue's floor is 40 dB; a wrong exchange gives noise)."""
     one = api.generate("a lighthouse", out=tmp_path / "one", seed=9, negative_prompt="fog", **TINY)
-    task = Task(GenerationRequest.build(prompt="a lighthouse", seed=9, negative_prompt="fog", **size).images()[0],
-                path=tmp_path / "four" / "x.png")  # fmt: skip
-    assert mode_for([task], 4) == "cfg+sequence"
-    launch(EngineOptions(model="tiny-random", device="cpu", gpus=4).resolved(), [task])
-    assert _psnr(one[0], task.path) >= 80
+    four = api.generate("a lighthouse", out=tmp_path / "four", seed=9, negative_prompt="fog", gpus=4, split="cfg+sequence", **TINY)
+    assert _psnr(one[0], four[0]) >= 80
 
 
 def test_compiled_sequence_parallel_blocks_give_the_single_process_compiled_image(tmp_path):
@@ -115,9 +102,28 @@ def test_a_size_whose_tokens_do_not_split_is_refused():
 
 
 @pytest.mark.parametrize(
+    ("cfg", "gpus", "split", "message"),
+    [
+        (1.0, 2, "cfg", "these images have CFG 1 .one branch.: use sequence"),
+        (5.0, 4, "cfg", "puts the two CFG branches on 2 GPUs, not 4"),
+        (5.0, 2, "cfg+sequence", "needs an even count of 4 or more GPUs, not 2"),
+        (1.0, 4, "cfg+sequence", "these images have CFG 1"),
+    ],
+)
+def test_an_asked_split_that_cannot_serve_the_images_is_refused(cfg, gpus, split, message):
+    from lensrun.engine import Task
+    from lensrun.parallel import mode_for
+    from lensrun.request import GenerationRequest
+
+    task = Task(GenerationRequest.build(prompt="a kite", cfg=cfg, height=32, width=48).images()[0])
+    with pytest.raises(LensrunError, match=message):
+        mode_for([task], gpus, split)
+
+
+@pytest.mark.parametrize(
     ("gpus", "device", "message"),
     [
-        (4, None, "one image runs on 1 or 2 GPUs"),
+        (4, None, "one image runs on 1 or 2 GPUs.*--split sequence or cfg\\+sequence"),
         (2, "cuda:1", "leave --device out"),
         (0, None, "gpus must be 1 or more"),
     ],
@@ -125,6 +131,16 @@ def test_a_size_whose_tokens_do_not_split_is_refused():
 def test_bad_gpu_counts_are_refused_before_any_work(gpus, device, message):
     with pytest.raises(LensrunError, match=message):
         check_gpus(gpus, device)
+    check_gpus(4, "cpu", "cfg+sequence")  # asked for: four workers (on the CPU in tests)
+
+
+def test_a_split_without_gpus_is_refused():
+    from lensrun.request import EngineOptions
+
+    with pytest.raises(LensrunError, match="--split sequence shares one image between GPUs: give --gpus 2 or more"):
+        EngineOptions(split="sequence").resolved()
+    with pytest.raises(LensrunError, match="split must be one of auto, cfg, sequence, cfg\\+sequence, got 'ring'"):
+        EngineOptions(gpus=2, split="ring").resolved()
 
 
 def test_gallery_and_server_say_they_run_on_one_gpu(tmp_path):

@@ -56,9 +56,10 @@ def generate(prompt: str | list[str], *, out: str | Path = "outputs", show_progr
     if engine_opts.gpus > 1:
         from lensrun import parallel
 
-        parallel.check_gpus(engine_opts.gpus, engine_opts.device)
-        if parallel.mode_for(tasks, engine_opts.gpus) == "cfg":
-            parallel.launch(engine_opts, tasks, notify, show_progress)
+        parallel.check_gpus(engine_opts.gpus, engine_opts.device, engine_opts.split)
+        mode = parallel.mode_for(tasks, engine_opts.gpus, engine_opts.split)
+        if mode == "cfg" or engine_opts.split != "auto":
+            parallel.launch(engine_opts, tasks, notify, show_progress, mode=mode)
             return [t.path for t in tasks]
         if notify is not None:
             notify(parallel.ONE_GPU_INSTEAD)

@@ -10,11 +10,12 @@
   (``LensJointAttention._sequence_parallel``); the latents are gathered once at the end. GEMMs over fewer rows
   may round differently: PSNR against the single-GPU image is reported, not bit equality. Measured slower
   than one GPU while its exchanges broke the compiled blocks' graphs (``ONE_GPU_INSTEAD``), so ``lensrun
-  generate --gpus`` does not use it; the exchanges are now functional collectives traced into the blocks.
+  generate --gpus`` uses it only when asked (``--split sequence``); the exchanges are now functional
+  collectives traced into the blocks.
 * Both (an even count above two, guided images; ``launch(mode="cfg+sequence")``): the first half of the ranks
   runs the conditional branch, the second half the unconditional one, each half splitting its tokens as
   above; rank j and rank j + N/2 hold the same tokens and exchange their velocities each step. Like
-  sequence-parallel, not yet measured on GPUs, so not chosen by ``--gpus``.
+  sequence-parallel, not yet measured on GPUs, so only run when asked (``--split``).
 
 In every mode rank 0 encodes the prompts and broadcasts the features (the encoder runs once), and rank 0 decodes
 and writes the PNGs.
@@ -162,7 +163,7 @@ HEADS = 24  # Lens's attention heads: a sequence-parallel group splits them even
 # Sequence parallelism works (tests/test_parallel.py) but measured slower than one GPU: 1024² Turbo 0.560 s
 # on two H200s against 0.156 s on one (2026-11-28, docs/scale-out.md). The CLI does not choose it.
 ONE_GPU_INSTEAD = ("CFG 1 (Turbo) has no second branch to put on the other GPU, and splitting the sequence "
-                   "measured slower than one GPU (docs/scale-out.md): running on one GPU")  # fmt: skip
+                   "measured slower than one GPU (docs/scale-out.md): running on one GPU (--split sequence to try it)")  # fmt: skip
 
 
 def device_per_gpu(flag: str, count: int, device: str | None) -> list[str | None]:
@@ -182,43 +183,52 @@ def device_per_gpu(flag: str, count: int, device: str | None) -> list[str | None
     return [f"cuda:{i}" for i in range(count)]
 
 
-def check_gpus(gpus: int, device: str | None) -> None:
-    """A clear error before any work: 2 GPUs (CFG-parallel) and this machine has them."""
-    if gpus > 2:
+def check_gpus(gpus: int, device: str | None, split: str = "auto") -> None:
+    """A clear error before any work: more than 2 GPUs only for an asked sequence split, and this machine has
+    them."""
+    if gpus > 2 and split == "auto":
         raise LensrunError(f"--gpus {gpus}: one image runs on 1 or 2 GPUs (CFG-parallel); splitting it further "
-                           "(sequence parallelism) measured slower than one GPU, see docs/scale-out.md")  # fmt: skip
+                           "(sequence parallelism) measured slower than one GPU, see docs/scale-out.md; to try it "
+                           "anyway: --split sequence or cfg+sequence")  # fmt: skip
     device_per_gpu("--gpus", gpus, device)
 
 
-def mode_for(tasks, gpus: int) -> str:
-    """How ``gpus`` ranks share these images: 'cfg' for two GPUs and guided images (exact, one exchange per
-    step); 'cfg+sequence' for an even count above two and guided images (each branch's tokens split over half
-    the ranks); else 'sequence'. The heads and every image's tokens must split evenly (a clear error
-    otherwise)."""
+def mode_for(tasks, gpus: int, split: str = "auto") -> str:
+    """How ``gpus`` ranks share these images (``split``, see ``request.SPLITS``). ``auto``: 'cfg' for two GPUs
+    and guided images (exact, one exchange per step); 'cfg+sequence' for an even count above two and guided
+    images (each branch's tokens split over half the ranks); else 'sequence'. An asked split that cannot serve
+    these images, or heads and tokens that do not split evenly, are clear errors."""
     guided = all(t.request.cfg != 1.0 for t in tasks)
-    if gpus == 2 and guided:
-        return "cfg"
-    mode = "cfg+sequence" if guided and gpus % 2 == 0 else "sequence"
-    split = gpus // 2 if mode == "cfg+sequence" else gpus
-    if HEADS % split:
-        raise LensrunError(f"{gpus} GPUs ({MODE_NAMES[mode]}): the {HEADS} attention heads do not split over {split}")
+    mode = split
+    if split == "auto":
+        mode = "cfg" if gpus == 2 and guided else "cfg+sequence" if guided and gpus % 2 == 0 else "sequence"
+    if mode != "sequence" and not guided:
+        raise LensrunError(f"--split {mode} runs the two CFG branches apart; these images have CFG 1 (one branch): use sequence")
+    if mode == "cfg" and gpus != 2:
+        raise LensrunError(f"--split cfg puts the two CFG branches on 2 GPUs, not {gpus}: use cfg+sequence")
+    if mode == "cfg+sequence" and (gpus % 2 or gpus < 4):
+        raise LensrunError(f"--split cfg+sequence needs an even count of 4 or more GPUs, not {gpus}")
+    if mode == "cfg":
+        return mode
+    split_over = gpus // 2 if mode == "cfg+sequence" else gpus
+    if HEADS % split_over:
+        raise LensrunError(f"{gpus} GPUs ({MODE_NAMES[mode]}): the {HEADS} attention heads do not split over {split_over}")
     for t in tasks:
         h, w = t.request.grid
-        if (h * w) % split:
-            raise LensrunError(f"{t.request.width}x{t.request.height} has {h * w} latent tokens, which do not split over {split} GPUs")
+        if (h * w) % split_over:
+            raise LensrunError(f"{t.request.width}x{t.request.height} has {h * w} latent tokens, which do not split over {split_over} GPUs")
     return mode
 
 
 def launch(options, tasks: list, notify=None, progress: bool = False, mode: str | None = None) -> None:
     """Run ``tasks`` (their PNG paths set) on ``options.gpus`` worker processes; returns when every PNG is written.
-    ``mode``: one of ``MODE_NAMES`` (default: ``mode_for``). A worker's error ends the run with that error."""
+    ``mode``: one of ``MODE_NAMES`` (default: ``options.split``). A worker's error ends the run with that error."""
     import pickle
 
     import torch.multiprocessing as mp
 
     world = options.gpus
-    chosen = mode_for(tasks, world)
-    mode = mode or chosen
+    mode = mode_for(tasks, world, mode or options.split)
     try:  # workers are spawned processes: a callback that cannot travel (a lambda) stays silent there
         pickle.dumps(notify)
     except (pickle.PicklingError, AttributeError, TypeError):
@@ -250,7 +260,7 @@ def _worker(rank: int, world: int, mode: str, backend: str, port: int, options, 
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     try:
         group = Group.create(rank, world, device, mode)
-        local = dataclasses.replace(options, device=str(device), gpus=1)
+        local = dataclasses.replace(options, device=str(device), gpus=1, split="auto")  # this worker: one device
         say = notify if group.leader else None
         engine = Engine.load(local, [t.request for t in tasks], say)
         engine.pipe.parallel = group

@@ -313,6 +313,10 @@ class GenerationRequest:
         return d
 
 
+# How several GPUs share one image (lensrun.parallel): the CFG branches, the image tokens, or both.
+SPLITS = ("auto", "cfg", "sequence", "cfg+sequence")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """How a run uses the machine: which weights, where, in which precision, compiled or not."""
@@ -347,6 +351,10 @@ class EngineOptions:
         None, "regional torch.compile; default: when the run's images repay the compile time", example=False
     )
     gpus: int = option(1, "GPUs for each image: 2 runs the two CFG branches on two GPUs (generate)", example=2)
+    split: str = option(
+        "auto", "how --gpus share one image; auto: the CFG branches on 2 GPUs, else one GPU (sequence splits "
+        "measured slower, docs/scale-out.md)", choices=SPLITS, example="sequence",
+    )  # fmt: skip
     attention: str = option(
         "auto", "attention kernel; auto: the fastest installed one that passes a numeric check on this GPU",
         choices=("auto", "sdpa", "fa3", "fa3-fp8"), example="sdpa",
@@ -370,6 +378,10 @@ class EngineOptions:
             raise LensrunError(f"compile must be true, false or absent (automatic), got {self.compile!r}")
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
             raise LensrunError(f"gpus must be a whole number of 1 or more, got {self.gpus!r}")
+        if self.split not in SPLITS:
+            raise LensrunError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.split != "auto" and self.gpus < 2:
+            raise LensrunError(f"--split {self.split} shares one image between GPUs: give --gpus 2 or more")
         return dataclasses.replace(self, placement=placement, quantize=quantize or alias, offload=False, quant_transformer=None)
 
 
