@@ -106,6 +106,7 @@ def test_a_failed_background_compilation_leaves_the_server_eager(pipe, tmp_path,
     messages: list[str] = []
     engine.compile_ahead([engine.request(prompt="w", height=32, width=32, steps=2)], wait=True, notify=messages.append)
     assert "background compilation failed (RuntimeError: inductor exploded); staying eager" in messages
+    assert fresh.transformer.compiled_gate is None  # not reopened by a later compiled run
     results = engine.run([Task(engine.request(prompt="p", height=32, width=32, steps=2))])
     assert results[0].ok and results[0].report["compiled"] is False and not fresh.compiled
 

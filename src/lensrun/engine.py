@@ -436,6 +436,7 @@ class Engine:
         if job.error is not None:
             say(f"background compilation failed ({job.error}); staying eager")
             self.compile_error = job.error
+            self.pipe.transformer.compiled_gate = None  # its blocks stay eager; a later compilation starts afresh
         else:
             self.pipe.switch_to_compiled(job)
             say(f"compiled in the background in {job.seconds:.1f} s; runs are compiled from now on")
