@@ -34,9 +34,6 @@ class Download:
         self.event = torch.cuda.Event()
         self.event.record()
 
-    def done(self) -> bool:
-        return self.event is None or self.event.query()
-
     def result(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()
