@@ -60,3 +60,18 @@ def chrome(tmp_path):
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
     yield driver
     driver.quit()
+
+
+def _png_psnr(a: Path, b: Path) -> float:
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p)).astype(np.float64) for p in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.fixture
+def png_psnr():
+    """PSNR in dB of two 8-bit PNG files (inf when their pixels are equal): split runs against one-process ones."""
+    return _png_psnr

@@ -23,19 +23,13 @@ def test_cfg_parallel_on_two_processes_gives_the_single_process_image(tmp_path):
         assert read_config(a) == read_config(b)  # the recipe does not depend on the GPU count
 
 
-def _psnr(a, b) -> float:
-    x, y = (np.asarray(Image.open(p)).astype(np.float64) for p in (a, b))
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-def test_turbo_splits_the_sequence_over_two_processes_when_asked(tmp_path):
+def test_turbo_splits_the_sequence_over_two_processes_when_asked(tmp_path, png_psnr):
     """CFG 1 has no second branch: ``--split sequence`` splits the image tokens (Ulysses) and the image is the
     single-process one (equal in fp32 on the CPU; on GPUs in bf16, GEMMs over fewer rows may round
     differently: docs/scale-out.md)."""
     one = api.generate("a kite", out=tmp_path / "one", cfg=1.0, seed=4, **TINY)
     two = api.generate("a kite", out=tmp_path / "two", cfg=1.0, seed=4, gpus=2, split="sequence", **TINY)
-    assert _psnr(one[0], two[0]) == float("inf")
+    assert png_psnr(one[0], two[0]) == float("inf")
 
 
 def test_generate_runs_turbo_on_one_gpu_and_says_why(tmp_path):
@@ -44,7 +38,7 @@ def test_generate_runs_turbo_on_one_gpu_and_says_why(tmp_path):
     assert paths[0].is_file() and any("running on one GPU" in m for m in said)
 
 
-def test_sequence_parallel_with_guidance(tmp_path):
+def test_sequence_parallel_with_guidance(tmp_path, png_psnr):
     """Both CFG branches on every rank, each rank a slice of the tokens; the empty negative prompt (0 text
     tokens) crosses the exchange too."""
     from lensrun.engine import Task
@@ -55,20 +49,20 @@ def test_sequence_parallel_with_guidance(tmp_path):
     one = api.generate("a lighthouse", out=tmp_path / "one", seed=9, **TINY)
     task = Task(request.images()[0], path=tmp_path / "two" / "x.png")
     launch(EngineOptions(model="tiny-random", device="cpu", gpus=2).resolved(), [task], mode="sequence")
-    assert _psnr(one[0], task.path) == float("inf")
+    assert png_psnr(one[0], task.path) == float("inf")
 
 
-def test_four_processes_split_both_branches_and_their_tokens(tmp_path):
+def test_four_processes_split_both_branches_and_their_tokens(tmp_path, png_psnr):
     """``--gpus 4 --split cfg+sequence``: the conditional branch on ranks 0-1, the unconditional one on ranks
     2-3, each pair splitting the tokens; rank j and j + 2 exchange velocities. The single-process image up to
     the rounding of GEMMs over fewer rows: 84.8 dB, as the plain two-rank sequence split gives with this
     negative prompt (the issue's floor is 40 dB; a wrong exchange gives noise)."""
     one = api.generate("a lighthouse", out=tmp_path / "one", seed=9, negative_prompt="fog", **TINY)
     four = api.generate("a lighthouse", out=tmp_path / "four", seed=9, negative_prompt="fog", gpus=4, split="cfg+sequence", **TINY)
-    assert _psnr(one[0], four[0]) >= 80
+    assert png_psnr(one[0], four[0]) >= 80
 
 
-def test_compiled_sequence_parallel_blocks_give_the_single_process_compiled_image(tmp_path):
+def test_compiled_sequence_parallel_blocks_give_the_single_process_compiled_image(tmp_path, png_psnr):
     """The exchanges are functional collectives that torch.compile traces into each block's graph (no graph
     break per exchange): compiled split blocks give the compiled one-process image, up to the rounding of
     kernels over fewer rows (≈ 85 dB here; the issue's floor is 40 dB)."""
@@ -83,7 +77,7 @@ def test_compiled_sequence_parallel_blocks_give_the_single_process_compiled_imag
         Engine._shared.clear()
     task = Task(GenerationRequest.build(prompt="a kite", cfg=1.0, seed=4, **size).images()[0], path=tmp_path / "two" / "x.png")
     launch(EngineOptions(model="tiny-random", device="cpu", gpus=2, compile=True).resolved(), [task])
-    assert _psnr(one[0], task.path) >= 40
+    assert png_psnr(one[0], task.path) >= 40
 
 
 def test_a_size_whose_tokens_do_not_split_is_refused():
