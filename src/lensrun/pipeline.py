@@ -434,7 +434,7 @@ class LensPipeline:
         conditioning = self.transformer.conditioning(timesteps)
         # Sequence-parallel: this rank's slice of the image tokens runs the loop below, gathered at the end.
         sequence = self.parallel is not None and self.parallel.mode == "sequence"
-        if self.parallel is not None and self.parallel.mode != "sequence" and uncond is not None:
+        if self.parallel is not None and not sequence and uncond is not None:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
