@@ -52,6 +52,7 @@ def kernel_rows() -> list[dict]:
             if attention.installed(backend) and attention.supported(backend, torch.device("cuda")):
                 cases[backend] = lambda q, k, v, b=backend: attention.attend(q, k, v, None, b)
         cases.update(candidates())
+        cases.update(kernel_only(cases, qb, kb, vb))
         for case, fn in cases.items():
             try:
                 first = first_call_seconds(fn, qb, kb, vb)
@@ -63,6 +64,28 @@ def kernel_rows() -> list[dict]:
             rows.append({"sequence": name, "tokens": tokens, "backend": case, "ms": seconds * 1e3, "first_call_s": first,
                          "tflops": flops / seconds / 1e12, "max_error": error})  # fmt: skip
     return rows
+
+
+def kernel_only(cases: dict, q, k, v) -> dict:
+    """The fp8 kernels on q/k/v quantized once beforehand: what the kernel costs apart from quantizing."""
+    from lensrun import attention
+
+    found = {}
+    if "fa3-fp8" in cases:
+        from fa3_fwd_interface import flash_attn_func
+
+        (q8, qs), (k8, ks), (v8, vs) = (attention.to_fp8(t.transpose(1, 2)) for t in (q, k, v))
+
+        def fa3_fp8_kernel(q, k, v):
+            out = flash_attn_func(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs)
+            return (out[0] if isinstance(out, tuple) else out).to(q.dtype).transpose(1, 2)
+
+        found["fa3-fp8 (kernel only)"] = fa3_fp8_kernel
+    cudnn_fp8 = cases.get("cudnn-fp8 (per tensor)")
+    if cudnn_fp8 is not None:
+        quantized = cudnn_fp8.quantize(q, k, v)
+        found["cudnn-fp8 (kernel only)"] = lambda q, k, v: cudnn_fp8.run(*quantized, q.dtype)
+    return found
 
 
 def first_call_seconds(fn, q, k, v) -> float:
@@ -135,18 +158,25 @@ class CudnnFp8:
         return graph, (q, k, v, o, *scalars, amax_s, amax_o), workspace, amaxes
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        key = (tuple(q.shape), q.device)
-        if key not in self.graphs:
-            self.graphs[key] = self._graph(tuple(q.shape), q.device)
-        graph, names, workspace, amaxes = self.graphs[key]
+        return self.run(*self.quantize(q, k, v), q.dtype)
+
+    @staticmethod
+    def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
         scales = [(t.abs().amax().float() / 448).clamp_min(1e-12).reshape(1, 1, 1, 1) for t in (q, k, v)]
         q8, k8, v8 = ((t / s.to(t.dtype)).to(torch.float8_e4m3fn).contiguous() for t, s in zip((q, k, v), scales, strict=True))
-        out = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
-        softmax = torch.full((1, 1, 1, 1), 448.0, device=q.device)
+        return q8, k8, v8, scales
+
+    def run(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: list, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(q8.shape), q8.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._graph(tuple(q8.shape), q8.device)
+        graph, names, workspace, amaxes = self.graphs[key]
+        out = torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
+        softmax = torch.full((1, 1, 1, 1), 448.0, device=q8.device)
         values = [q8.view(torch.uint8), k8.view(torch.uint8), v8.view(torch.uint8), out.view(torch.uint8),
                   *scales, 1 / softmax, softmax, 1 / scales[2], *amaxes]  # fmt: skip
         graph.execute(dict(zip(names, values, strict=True)), workspace)
-        return (out.float() * scales[2]).to(q.dtype)
+        return (out.float() * scales[2]).to(dtype)
 
 
 def _sdpa(q, k, v, backend, sdpa_kernel):
