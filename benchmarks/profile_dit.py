@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16", help="comma-separated DiT precisions to profile, e.g. bf16,fp8")
     ap.add_argument("--skip-attention-table", action="store_true")
     ap.add_argument("--attention", default="sdpa", help="the DiT's attention backend (lensrun.attention.BACKENDS)")
+    ap.add_argument("--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv")
     args = ap.parse_args()
     ensure_checkpoint(args.root, device="cuda")
     report = {"gpu": torch.cuda.get_device_name(0), "attention": [] if args.skip_attention_table else attention_table(),
@@ -55,20 +56,22 @@ def main() -> None:
     for r in report["attention"]:
         print(r, flush=True)
     for precision in args.precisions.split(","):
-        profile_forward(Path(args.root), precision, args.attention, report)
+        profile_forward(Path(args.root), precision, args.attention, not args.unfused, report)
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
-def profile_forward(root: Path, precision: str, attention: str, report: dict) -> None:
+def profile_forward(root: Path, precision: str, attention: str, fused: bool, report: dict) -> None:
     """First-call (compile) time, graphs compiled, steady forward time and top kernels, at each grid."""
     from torch._dynamo.utils import counters
 
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, precision)
     pipe.transformer.set_attention_backend(attention)
+    for block in pipe.transformer.transformer_blocks:
+        block.attn.fused_inputs = fused
     text = [torch.randn(1, TEXT, 2880, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
     for grid, (gh, gw) in GRIDS.items():
-        name = f"{precision} {attention} {grid}"
+        name = f"{precision} {attention}{' one-pass inputs' if fused and attention != 'sdpa' else ''} {grid}"
         x = torch.randn(1, gh * gw, 128, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode(), attention_kernels(torch.device("cuda")):
             cond = pipe.transformer.conditioning(t)

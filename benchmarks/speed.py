@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--reference", default="speed-reference.safetensors", help="baseline images, kept between splits")
     ap.add_argument("--append", action="store_true", help="add rows to --json instead of starting it afresh")
     ap.add_argument("--attention", default="auto", help="backend of the compiled and fp8 modes (baseline and fast-eager: sdpa)")
+    ap.add_argument("--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv")
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -121,6 +122,8 @@ def main() -> None:
     def use_attention(p: LensPipeline, precision: str) -> None:
         backend, why = attention.resolve(args.attention, precision, p.device, p.dtype)
         p.transformer.set_attention_backend(backend)
+        for block in p.transformer.transformer_blocks:
+            block.attn.fused_inputs = not args.unfused
         log(why)
 
     def run_mode(mode: str, p: LensPipeline) -> None:
@@ -152,7 +155,8 @@ def main() -> None:
                 cached, out = timed(lambda: p(PROMPT, seed=7, cache=r.cache, **cases_kw[case]), 2)
                 timings = out.timings
             row = {
-                "mode": mode, "case": case, "attention": p.transformer.attention_backend, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0], "warmup_all_s": warm_t,
+                "mode": mode, "case": case, "attention": p.transformer.attention_backend,
+                "fused_inputs": mode != "baseline" and p.transformer.attention_backend != "sdpa" and not args.unfused, "denoise_s": med, "denoise_all_s": times, "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
                 "e2e_first_new_prompt_s": first_new[0], "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
@@ -199,7 +203,7 @@ def main() -> None:
     for r in report["rows"]:
         sp = base.get(r["case"], float("nan")) / r["denoise_s"]
         print(
-            f"{r['mode']:15s} {r.get('attention', 'sdpa'):9s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
+            f"{r['mode']:15s} {r.get('attention', 'sdpa') + ('+1pass' if r.get('fused_inputs') else ''):9s} {r['case']:15s} {r['denoise_s']:9.3f} {sp:6.2f}x {r['tflops']:8.1f} {r['pct_of_peak']:5.1f}% "
             f"{r['e2e_s'] or float('nan'):7.3f} {r.get('e2e_first_new_prompt_s') or float('nan'):7.3f} {r['e2e_cached_prompt_s'] or float('nan'):7.3f} {r['psnr_vs_baseline_db'] or float('nan'):8.2f} {r.get('psnr_vs_compiled_bf16_db') or float('nan'):8.2f}"
         )
     print(f"encoder, 512 tokens: {report['info'].get('encoder_512_tokens_s', float('nan')) * 1000:.1f} ms")

@@ -13,7 +13,7 @@ LAYERS = {
     "pipeline": {"pipeline", "step_graph", "background_compile"},
     "memory": {"memory", "placement"},
     "models": {"models", "loading", "single_file", "nvfp4", "configs", "random_checkpoint", "mxfp4", "mxfp4_moe"},
-    "kernels": {"acceleration", "attention", "prompt_cache"},
+    "kernels": {"acceleration", "attention", "joint_qkv", "prompt_cache"},
     "options": {"request"},
     "leaves": {"prompting", "sampling", "decoding", "errors", "metadata", "transfers", "cuda_graphs"},
 }

@@ -57,21 +57,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """[B, H, L, D] attention through ``backend`` (a mask always goes through SDPA)."""
     if backend == "sdpa" or mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    from fa3_fwd_interface import flash_attn_func
-
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if backend == "fa3":
+        return flash(q, k, v).transpose(1, 2)
+    (q8, qs), (k8, ks), (v8, vs) = (to_fp8(t) for t in (q, k, v))
+    return flash(q8, k8, v8, (qs, ks, vs), q.dtype).transpose(1, 2)
+
+
+def flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """FlashAttention-3 on [B, L, H, D]: half-precision inputs, or e4m3 ones with their descales [B, H] (q, k,
+    v); the output in ``dtype`` (default: the inputs')."""
+    from fa3_fwd_interface import flash_attn_func
+
+    if descales is None:
         out = flash_attn_func(q, k, v)
     else:
-        (q8, qs), (k8, ks), (v8, vs) = (to_fp8(t) for t in (q, k, v))
-        out = flash_attn_func(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs)
+        out = flash_attn_func(q, k, v, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2])
     out = out[0] if isinstance(out, tuple) else out
-    return out.to(q.dtype).transpose(1, 2)
+    return out.to(dtype or q.dtype)
 
 
-def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L, H, D] → e4m3 values and the fp32 descale per (batch, head): amax / 448 of that head's values."""
-    scale = (x.abs().amax(dim=(1, 3)).float() / E4M3_MAX).clamp_min(1e-12)
+def to_fp8(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, H, D] → e4m3 values and the fp32 descale per (batch, head): amax / 448 of that head's values
+    (``amax`` [B, H] when already known)."""
+    amax = x.abs().amax(dim=(1, 3)) if amax is None else amax
+    scale = (amax.float() / E4M3_MAX).clamp_min(1e-12)
     return (x / scale[:, None, :, None].to(x.dtype)).to(torch.float8_e4m3fn), scale
 
 

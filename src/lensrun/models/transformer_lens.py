@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from torch import nn
 
-from lensrun.attention import attend, backend_name
+from lensrun.attention import attend, backend_name, flash, to_fp8
 
 ROPE_THETA = 10000.0
 
@@ -98,6 +98,7 @@ class LensJointAttention(nn.Module):
         # a lensrun.parallel.Sequence while this rank holds a slice of the image tokens (Ulysses); not a module
         self.sequence = None
         self.backend = "sdpa"  # lensrun.attention backend name
+        self.fused_inputs = True  # FlashAttention on a GPU: norms, RoPE and layout in one kernel (joint_qkv)
 
     def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = x.shape
@@ -113,6 +114,8 @@ class LensJointAttention(nn.Module):
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1]
+        if self._fuses(x, mask):
+            return self._fused(x, c, cos, sin)
         q_i, k_i, v_i = self._qkv(self.img_qkv, x)
         q_t, k_t, v_t = self._qkv(self.txt_qkv, c)
         q = torch.cat([self.norm_q(q_i), self.norm_added_q(q_t)], dim=2)
@@ -122,6 +125,36 @@ class LensJointAttention(nn.Module):
         if self.sequence is not None:
             return self._sequence_parallel(q, k, v, n)
         out = attend(q, k, v, mask, self.backend).transpose(1, 2).flatten(2)
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+
+    def _fuses(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this call takes ``_fused``: FlashAttention without a mask or a token split, on a GPU, with
+        norm weights in the activations' half-precision dtype (the kernel rounds as the eager path does)."""
+        return (
+            self.fused_inputs
+            and self.backend != "sdpa"
+            and mask is None
+            and self.sequence is None
+            and x.is_cuda
+            and self.norm_q.weight.dtype == x.dtype
+        )
+
+    def _fused(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The eager path's attention with q/k norms, RoPE, the [image; text] concatenation and (fa3-fp8) q/k's
+        quantization in one Triton pass (``lensrun.joint_qkv``), straight into FlashAttention's layout."""
+        from lensrun.joint_qkv import joint_qkv
+
+        n, fp8 = x.shape[1], self.backend == "fa3-fp8"
+        weights = (self.norm_q.weight, self.norm_k.weight, self.norm_added_q.weight, self.norm_added_k.weight)
+        qk, v, descale, v_amax = joint_qkv(
+            self.img_qkv(x), self.txt_qkv(c), *weights, cos, sin, self.norm_q.eps, self.heads, fp8
+        )
+        if fp8:
+            v8, v_scale = to_fp8(v, v_amax)
+            out = flash(qk[0], qk[1], v8, (descale[0], descale[1], v_scale), x.dtype)
+        else:
+            out = flash(qk[0], qk[1], v)
+        out = out.flatten(2)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
     def _sequence_parallel(self, q, k, v, n: int) -> tuple[torch.Tensor, torch.Tensor]:
