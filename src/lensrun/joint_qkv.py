@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
+E4M3_MAX = tl.constexpr(448.0)
 BLOCK_L = 64  # tokens per program: a 64 × 64 tile per (head, q/k/v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "L", "B", "s_img_b", "s_txt_b", "s_qk_which", "s_out_b"])
 def _joint_qkv_kernel(
     img_ptr, txt_ptr, wq_ptr, wk_ptr, wq_txt_ptr, wk_txt_ptr, cos_ptr, sin_ptr,
     qk_ptr, v_ptr, descale_ptr, v_amax_ptr,
@@ -75,16 +75,15 @@ def _joint_qkv_kernel(
             w_max = tl.maximum(
                 tl.max(tl.abs(w_img.to(tl.float32)), axis=0), tl.max(tl.abs(w_txt.to(tl.float32)), axis=0)
             )
-            scale = tl.maximum(bound * w_max / E4M3_MAX, 1e-12)
-            q8 = tl.clamp(out.to(tl.float32) / scale, -E4M3_MAX, E4M3_MAX).to(qk_ptr.dtype.element_ty)
-            tl.store(qk_ptr + which * s_qk_which + dst, q8, mask=inside)
+            scale = tl.maximum((w_max * bound).to(tl.float32) / E4M3_MAX, 1e-12)
+            q8 = tl.minimum(tl.maximum(out.to(tl.float32) / scale, -E4M3_MAX), E4M3_MAX).to(tl.float8e4nv)
+            tl.store(qk_ptr + which * s_qk_which + dst, q8.to(tl.uint8, bitcast=True), mask=inside)
             if tl.program_id(0) == 0:
                 tl.store(descale_ptr + which * B * H + b * H + h, scale)
         else:
             tl.store(qk_ptr + which * s_qk_which + dst, out, mask=inside)
 
 
-@torch.library.triton_op("lensrun::joint_qkv", mutates_args=())
 def joint_qkv(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -102,10 +101,30 @@ def joint_qkv(
     tables [N + S, D/2] → (q and k stacked [2, B, N + S, H, D], v [B, N + S, H, D], q/k descales [2, B, H],
     v's amax [B, H]). bf16 q/k, or e4m3 with their descales when ``fp8``; v and its amax always bf16 / fp32
     (the descales and amax are zeros unless ``fp8``)."""
+    qk, v, descale, v_amax = _joint_qkv(img, txt, w_q, w_k, w_txt_q, w_txt_k, cos, sin, eps, heads, fp8)
+    return (qk.view(torch.float8_e4m3fn) if fp8 else qk), v, descale, v_amax
+
+
+@torch.library.triton_op("lensrun::joint_qkv", mutates_args=())
+def _joint_qkv(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    w_txt_q: torch.Tensor,
+    w_txt_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+    fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``joint_qkv`` with fp8 q/k as their bytes (uint8): Inductor's call of a user kernel failed to lower an
+    e4m3 pointer on torch 2.11 / Triton 3.6 (H200, 2026-11-29), a byte pointer lowers everywhere."""
     b, n, width = img.shape
     d = width // (3 * heads)
     length = n + txt.shape[1]
-    qk = img.new_empty((2, b, length, heads, d), dtype=torch.float8_e4m3fn if fp8 else img.dtype)
+    qk = img.new_empty((2, b, length, heads, d), dtype=torch.uint8 if fp8 else img.dtype)
     v = img.new_empty((b, length, heads, d))
     descale = img.new_zeros((2, b, heads), dtype=torch.float32)
     v_amax = img.new_zeros((b, heads), dtype=torch.float32)
