@@ -4,8 +4,9 @@
   always available, and the reference the others are checked against.
 * ``fa3``: FlashAttention-3's Hopper forward kernel in bf16 (the ``fa3-fwd`` wheel: ``pip install
   lensrun[hopper]``), sm_90 only.
-* ``fa3-fp8``: the same kernel on e4m3 inputs with one scale per (batch, head) computed from the real q/k/v
-  (amax / 448, no unit scales): the fp8 mode's attention.
+* ``fa3-fp8``: the same kernel on e4m3 inputs: the fp8 mode's attention. Inside the DiT q and k come already
+  quantized from ``lensrun.joint_qkv`` (scales from their RMSNorm's bound, which nothing exceeds; v's from its
+  amax per (batch, head)); called here on bf16 tensors, each of q/k/v gets amax / 448 per (batch, head).
 
 ``auto`` takes the fastest backend that is installed, runs on this GPU and passes a numeric check against SDPA
 at the Lens shape on first use (the verdict is cached per GPU, torch and kernel version): ``fa3`` for bf16
