@@ -219,3 +219,23 @@ def test_a_compiled_shared_engine_runs_eagerly_for_a_run_that_asks_so(tmp_path, 
     assert second is first and compiled is False and graph_calls == 0
     third, compiled, graph_calls = run(True)
     assert third is first and compiled is True and graph_calls > 0
+
+
+def test_after_an_eager_run_an_automatic_run_reopens_the_compiled_blocks(monkeypatch):
+    """A process that compiled, then ran eagerly (``--no-compile``), holds compiled code: an automatic choice
+    takes it (free) instead of weighing a compilation's cost again."""
+    import torch
+
+    from lensrun import LensPipeline
+
+    engine = Engine(LensPipeline.tiny_random(device="cpu"), EngineOptions(model="tiny-random", compile=None))
+    engine.pipe.optimize(compile=True)
+    engine.pipe.use_eager()
+    request = engine.request(prompt="p", height=32, width=32, steps=2)
+    plan = engine.plans([request])[0][0]
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))  # the policy compiles on CUDA GPUs only
+    monkeypatch.setattr(engine, "_compile_key", lambda plan: "no-such-cache")  # (it would name the GPU)
+    decision = engine.decide_compile([request], plan)
+    assert decision.compile and "compiled already" in decision.reason
+    engine.compiling = object()  # a compilation still under way on a side thread is not code to reopen
+    assert "compiled already" not in engine.decide_compile([request], plan).reason

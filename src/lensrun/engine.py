@@ -251,7 +251,9 @@ class Engine:
         if self.compile_error is not None:
             return compile_policy.CompileDecision(False, f"eager: compilation failed ({self.compile_error})")
         warm = self.device.type == "cuda" and _caches_warm(self._compile_key(plan))
-        return compile_policy.decide(self.options.compile, self.device.type, seconds, warm, self.pipe.compiled)
+        # compiled code this process holds (also after ``use_eager``) reopens for free; a side thread's does not yet
+        compiled = self.pipe.compiled or (self.pipe.transformer.compiled_gate is not None and self.compiling is None)
+        return compile_policy.decide(self.options.compile, self.device.type, seconds, warm, compiled)
 
     # --------------------------------------------------------------------------------------------------- run
     def run(

@@ -272,6 +272,7 @@ def _worker(rank: int, world: int, mode: str, backend: str, port: int, options, 
             say(f"{MODE_NAMES[mode]} on {world} devices; {why}")
         mine = tasks if group.leader else [dataclasses.replace(t, path=None, keep=None) for t in tasks]
         engine.run(mine, plans=plans, notify=say, progress=progress and group.leader)
+        dist.barrier()  # no rank tears the process group down while a peer's last exchange is in flight
     except Exception as err:
         errors.put(f"worker {rank}: {type(err).__name__}: {err}" if not isinstance(err, LensrunError) else str(err))
         raise

@@ -1,11 +1,11 @@
 """``lensrun serve``: the loaded model behind an OpenAI-compatible Images API, a job queue and a web page.
 
-One worker thread per engine (one engine, or a replica per GPU: those beyond the first in processes of their own)
-takes jobs in order from a bounded queue,
-running queued jobs of the same size and settings together as one engine run; the engine's writer thread writes
-each PNG and completes its job while the GPU goes on. Request handlers only validate, enqueue and wait (asynchronously). Compilation happens on
-a side thread while requests run eagerly (``Engine.background_compile``). Images are saved with the same PNG
-metadata as the CLI's and served under random ids, so no client ever names a path.
+One worker thread per engine (one engine, or a replica per GPU: those beyond the first in processes of their
+own) takes jobs in order from a bounded queue, running queued jobs of the same size and settings together as one
+engine run; the engine's writer thread writes each PNG and completes its job while the GPU goes on. Request
+handlers only validate, enqueue and wait (asynchronously). Compilation happens on a side thread while requests
+run eagerly (``Engine.background_compile``). Images are saved with the same PNG metadata as the CLI's and served
+under random ids, so no client ever names a path.
 """
 
 from __future__ import annotations
