@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 E4M3_MAX = tl.constexpr(448.0)
-BLOCK_L = 64  # tokens per program: a 64 × 64 tile per (head, q/k/v)
+# Tokens per program (one head of q, k or v each) and warps per program; not yet tuned (benchmarks/joint_qkv.py).
+BLOCK_L, WARPS = 64, 4
 
 
 @triton.jit(do_not_specialize=["N", "L", "B", "s_img_b", "s_txt_b", "s_qk_which", "s_out_b"])
@@ -101,7 +102,7 @@ def joint_qkv(
     tables [N + S, D/2] → (q and k stacked [2, B, N + S, H, D], v [B, N + S, H, D], q/k descales [2, B, H],
     v's amax [B, H]). bf16 q/k, or e4m3 with their descales when ``fp8``; v and its amax always bf16 / fp32
     (the descales and amax are zeros unless ``fp8``)."""
-    qk, v, descale, v_amax = _joint_qkv(img, txt, w_q, w_k, w_txt_q, w_txt_k, cos, sin, eps, heads, fp8)
+    qk, v, descale, v_amax = _joint_qkv(img, txt, w_q, w_k, w_txt_q, w_txt_k, cos, sin, eps, heads, fp8, BLOCK_L, WARPS)
     return (qk.view(torch.float8_e4m3fn) if fp8 else qk), v, descale, v_amax
 
 
@@ -118,8 +119,10 @@ def _joint_qkv(
     eps: float,
     heads: int,
     fp8: bool,
+    block: int,
+    warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``joint_qkv`` with fp8 q/k as their bytes (uint8): Inductor's call of a user kernel failed to lower an
+    """``joint_qkv`` (``block`` tokens per program, ``warps`` warps) with fp8 q/k as their bytes (uint8): Inductor's call of a user kernel failed to lower an
     e4m3 pointer on torch 2.11 / Triton 3.6 (H200, 2026-11-29), a byte pointer lowers everywhere."""
     img, txt, cos, sin = (t.contiguous() for t in (img, txt, cos, sin))  # the kernel indexes rows of them
     b, n, width = img.shape
@@ -130,11 +133,11 @@ def _joint_qkv(
     descale = img.new_zeros((2, b, heads), dtype=torch.float32)
     v_amax = img.new_zeros((b, heads), dtype=torch.float32)
     txt = txt if txt.shape[1] else img  # never read when empty; a real pointer for Triton
-    grid = ((length + BLOCK_L - 1) // BLOCK_L, 3 * heads, b)
+    grid = ((length + block - 1) // block, 3 * heads, b)
     torch.library.wrap_triton(_joint_qkv_kernel)[grid](
         img, txt, w_q, w_k, w_txt_q, w_txt_k, cos, sin, qk, v, descale, v_amax,
         n, length, b, eps, math.sqrt(d) * (1 + 2**-6),
         img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), qk.stride(0), v.stride(0), v.stride(1), cos.stride(0),
-        H=heads, D=d, BLOCK=BLOCK_L, FP8=fp8, num_warps=4,
+        H=heads, D=d, BLOCK=block, FP8=fp8, num_warps=warps,
     )  # fmt: skip
     return qk, v, descale, v_amax

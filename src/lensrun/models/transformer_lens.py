@@ -137,6 +137,7 @@ class LensJointAttention(nn.Module):
             and self.sequence is None
             and x.is_cuda
             and self.norm_q.weight.dtype == x.dtype
+            and self.head_dim & (self.head_dim - 1) == 0  # a Triton tile's sides are powers of two
         )
 
     def _fused(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -1,0 +1,107 @@
+"""The one-pass attention inputs (``lensrun.joint_qkv``) against Inductor's kernels for the same work, and the
+one pass's tiles: tokens per program × warps, at the Lens shapes, bf16 and fp8, in one run.
+
+Baseline: the eager path of ``LensJointAttention`` from the QKV projections to FlashAttention's layout (q/k
+RMSNorm, RoPE, [image; text] concatenation; fp8: amax scales and e4m3 q/k/v), compiled by Inductor. GB/s counts
+the bytes that must move in bf16: the projections read once, q/k/v written once (fp8 moves less).
+
+    python benchmarks/joint_qkv.py --json $OUT/joint_qkv.json
+    TRITON_INTERPRET=1 python benchmarks/joint_qkv.py --dry-run   # on a CPU: the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from diffusers.models.normalization import RMSNorm
+
+from lensrun.attention import to_fp8
+from lensrun.joint_qkv import BLOCK_L, WARPS, _joint_qkv
+from lensrun.models.transformer_lens import apply_rope, lens_rope
+
+HEADS, DIM, TEXT = 24, 64, 100
+GRIDS = {"1024²": (64, 64), "1440² 16:9": (68, 121)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run through Triton's interpreter
+
+
+def bench_ms(fn) -> float:
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200)
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+TILES = [(block, warps) for block in (16, 32, 64, 128) for warps in (1, 2, 4, 8) if block * DIM // (32 * warps) >= 4]
+
+
+def inductor_path(img, txt, weights, cos, sin, fp8: bool):
+    """What Inductor runs without the one pass: [B, L, H, D] q, k, v (fp8: e4m3 with per-head amax scales)."""
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], 3, HEADS, DIM).permute(2, 0, 3, 1, 4).unbind(0)
+
+    (q_i, k_i, v_i), (q_t, k_t, v_t) = split(img), split(txt)
+    q = torch.cat([weights[0](q_i), weights[2](q_t)], dim=2)
+    k = torch.cat([weights[1](k_i), weights[3](k_t)], dim=2)
+    q, k, v = (
+        t.transpose(1, 2) for t in (apply_rope(q, cos, sin), apply_rope(k, cos, sin), torch.cat([v_i, v_t], dim=2))
+    )
+    return tuple(to_fp8(t) for t in (q, k, v)) if fp8 else (q.contiguous(), k.contiguous(), v.contiguous())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="joint_qkv.json")
+    ap.add_argument("--dry-run", action="store_true", help="one small grid, two tiles (TRITON_INTERPRET=1 on a CPU)")
+    args = ap.parse_args()
+    grids = {"5×7": (5, 7)} if args.dry_run else GRIDS
+    tiles = TILES[:2] if args.dry_run else TILES
+    rows = []
+    for grid_name, grid in grids.items():
+        n = grid[0] * grid[1]
+        img = torch.randn(1, n, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
+        txt = torch.randn(1, TEXT, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
+        norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
+        cos, sin = lens_rope(grid, TEXT, (8, 28, 28), device=DEVICE)
+        weights = [m.weight for m in norms]
+        moved = 2 * img.numel() * 2 + 2 * txt.numel() * 2  # bytes: read the projections, write q/k/v (bf16)
+        for fp8 in (False, True):
+            compiled = torch.compile(inductor_path, dynamic=False) if DEVICE == "cuda" else inductor_path
+            with torch.no_grad():
+                ms = bench_ms(lambda c=compiled, f=fp8: c(img, txt, norms, cos, sin, f))
+                rows.append({"grid": grid_name, "fp8": fp8, "kernel": "Inductor", "ms": ms, "gb_s": moved / ms / 1e6})
+                extra = 0.0  # fp8: v's quantization from the pass's amax, as the DiT's compiled blocks run it
+                if fp8:
+                    _, v, _, v_amax = _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, True, BLOCK_L, WARPS)
+                    quantize_v = torch.compile(to_fp8, dynamic=False) if DEVICE == "cuda" else to_fp8
+                    extra = bench_ms(lambda: quantize_v(v, v_amax))
+                for block, warps in tiles:
+                    run = lambda b=block, w=warps, f=fp8: _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, f, b, w)
+                    ms = bench_ms(run) + extra
+                    rows.append({"grid": grid_name, "fp8": fp8, "kernel": f"one pass {block}×{warps}", "block": block,
+                                 "warps": warps, "default": (block, warps) == (BLOCK_L, WARPS), "ms": ms,
+                                 "gb_s": moved / ms / 1e6, "v_quantization_ms": extra})  # fmt: skip
+            base = rows[-len(tiles) - 1]["ms"]
+            for r in rows[-len(tiles) - 1 :]:
+                r["vs_inductor"] = base / r["ms"]
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    print(f"GPU {gpu}, torch {torch.__version__}; fp8 one-pass rows include v's quantization")
+    print(f"{'grid':<11} {'fp8':<5} {'kernel':<16} {'µs':>7} {'GB/s':>6} {'vs Inductor':>11}")
+    for r in rows:
+        mark = " (default)" if r.get("default") else ""
+        print(
+            f"{r['grid']:<11} {r['fp8']!s:<5} {r['kernel']:<16} {r['ms'] * 1e3:7.1f} {r['gb_s']:6.0f} {r['vs_inductor']:10.2f}×{mark}"
+        )
+    with open(args.json, "w") as f:
+        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
