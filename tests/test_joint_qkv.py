@@ -56,7 +56,7 @@ def test_one_pass_equals_norm_rope_and_concatenation(batch, grid, text):
     """Odd token counts, a sequence across several 64-token tiles, two images, and the empty negative prompt."""
     img, txt, norms, cos, sin = _inputs(batch, grid, text)
     with torch.no_grad():
-        qk, v, descale, v_amax = joint_qkv(img, txt, *(n.weight for n in norms), cos, sin, 1e-6, HEADS, False)
+        qk, v, descale, v_amax = joint_qkv(img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, False)
         q, k, v_ref = _eager(img, txt, norms, cos, sin)
     assert qk.shape == (2, batch, grid[0] * grid[1] + text, HEADS, DIM) and qk.dtype == torch.bfloat16
     assert torch.equal(v, v_ref.transpose(1, 2))
@@ -67,7 +67,7 @@ def test_one_pass_equals_norm_rope_and_concatenation(batch, grid, text):
 def test_fp8_scales_come_from_the_norm_weights_and_v_keeps_its_amax():
     img, txt, norms, cos, sin = _inputs(2, (7, 9), 13, seed=1)
     with torch.no_grad():
-        qk, v, descale, v_amax = joint_qkv(img, txt, *(n.weight for n in norms), cos, sin, 1e-6, HEADS, True)
+        qk, v, descale, v_amax = joint_qkv(img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, True)
         q, k, v_ref = _eager(img, txt, norms, cos, sin)
     assert qk.dtype == torch.float8_e4m3fn and descale.shape == (2, 2, HEADS)
     for which, (reference, image_norm, text_norm) in enumerate(((q, norms[0], norms[2]), (k, norms[1], norms[3]))):
@@ -116,7 +116,7 @@ def test_compiled_with_changing_token_counts_equals_eager():
     for grid, text in (((6, 11), 17), ((9, 15), 70), ((6, 11), 0)):
         img, txt, norms, cos, sin = _inputs(1, grid, text)
         for fp8 in (False, True):
-            args = (img, txt, *(n.weight for n in norms), cos, sin, 1e-6, HEADS, fp8)
+            args = (img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, fp8)
             with torch.no_grad():
                 for a, b in zip(compiled(*args), joint_qkv(*args), strict=True):
                     assert torch.equal(_bits(a), _bits(b))

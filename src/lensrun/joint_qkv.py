@@ -88,21 +88,17 @@ def _joint_qkv_kernel(
 def joint_qkv(
     img: torch.Tensor,
     txt: torch.Tensor,
-    w_q: torch.Tensor,
-    w_k: torch.Tensor,
-    w_txt_q: torch.Tensor,
-    w_txt_k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    rope: tuple[torch.Tensor, torch.Tensor],
     eps: float,
     heads: int,
     fp8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """QKV projections ``img`` [B, N, 3·H·D] and ``txt`` [B, S, 3·H·D] (S may be 0), norm weights [D], RoPE
-    tables [N + S, D/2] → (q and k stacked [2, B, N + S, H, D], v [B, N + S, H, D], q/k descales [2, B, H],
-    v's amax [B, H]). bf16 q/k, or e4m3 with their descales when ``fp8``; v and its amax always bf16 / fp32
-    (the descales and amax are zeros unless ``fp8``)."""
-    qk, v, descale, v_amax = _joint_qkv(img, txt, w_q, w_k, w_txt_q, w_txt_k, cos, sin, eps, heads, fp8, BLOCK_L, WARPS)
+    """QKV projections ``img`` [B, N, 3·H·D] and ``txt`` [B, S, 3·H·D] (S may be 0), the four norm weights
+    [D] (image q, image k, text q, text k), RoPE cos/sin [N + S, D/2] → (q and k stacked [2, B, N + S, H, D], v
+    [B, N + S, H, D], q/k descales [2, B, H], v's amax [B, H]). bf16 q/k, or e4m3 with their descales when
+    ``fp8``; v and its amax always bf16 / fp32 (the descales and amax are zeros unless ``fp8``)."""
+    qk, v, descale, v_amax = _joint_qkv(img, txt, *norm_weights, *rope, eps, heads, fp8, BLOCK_L, WARPS)
     return (qk.view(torch.float8_e4m3fn) if fp8 else qk), v, descale, v_amax
 
 

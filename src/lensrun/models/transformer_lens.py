@@ -148,7 +148,7 @@ class LensJointAttention(nn.Module):
         n, fp8 = x.shape[1], self.backend == "fa3-fp8"
         weights = (self.norm_q.weight, self.norm_k.weight, self.norm_added_q.weight, self.norm_added_k.weight)
         qk, v, descale, v_amax = joint_qkv(
-            self.img_qkv(x), self.txt_qkv(c), *weights, cos, sin, self.norm_q.eps, self.heads, fp8
+            self.img_qkv(x), self.txt_qkv(c), weights, (cos, sin), self.norm_q.eps, self.heads, fp8
         )
         if fp8:
             v8, v_scale = to_fp8(v, v_amax)
