@@ -59,48 +59,57 @@ def inductor_path(img, txt, weights, cos, sin, fp8: bool):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="joint_qkv.json")
+    ap.add_argument("--tiles", help="tokens×warps to try, e.g. 64x4,128x8 (default: every sensible pair)")
     ap.add_argument("--dry-run", action="store_true", help="one small grid, two tiles (TRITON_INTERPRET=1 on a CPU)")
     args = ap.parse_args()
     grids = {"5×7": (5, 7)} if args.dry_run else GRIDS
-    tiles = TILES[:2] if args.dry_run else TILES
-    rows = []
-    for grid_name, grid in grids.items():
-        n = grid[0] * grid[1]
-        img = torch.randn(1, n, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
-        txt = torch.randn(1, TEXT, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
-        norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
-        cos, sin = lens_rope(grid, TEXT, (8, 28, 28), device=DEVICE)
-        weights = [m.weight for m in norms]
-        moved = 2 * img.numel() * 2 + 2 * txt.numel() * 2  # bytes: read the projections, write q/k/v (bf16)
-        for fp8 in (False, True):
-            compiled = torch.compile(inductor_path, dynamic=False) if DEVICE == "cuda" else inductor_path
-            with torch.no_grad():
-                ms = bench_ms(lambda c=compiled, f=fp8: c(img, txt, norms, cos, sin, f))
-                rows.append({"grid": grid_name, "fp8": fp8, "kernel": "Inductor", "ms": ms, "gb_s": moved / ms / 1e6})
-                extra = 0.0  # fp8: v's quantization from the pass's amax, as the DiT's compiled blocks run it
-                if fp8:
-                    _, v, _, v_amax = _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, True, BLOCK_L, WARPS)
-                    quantize_v = torch.compile(to_fp8, dynamic=False) if DEVICE == "cuda" else to_fp8
-                    extra = bench_ms(lambda: quantize_v(v, v_amax))
-                for block, warps in tiles:
-                    run = lambda b=block, w=warps, f=fp8: _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, f, b, w)
-                    ms = bench_ms(run) + extra
-                    rows.append({"grid": grid_name, "fp8": fp8, "kernel": f"one pass {block}×{warps}", "block": block,
-                                 "warps": warps, "default": (block, warps) == (BLOCK_L, WARPS), "ms": ms,
-                                 "gb_s": moved / ms / 1e6, "v_quantization_ms": extra})  # fmt: skip
-            base = rows[-len(tiles) - 1]["ms"]
-            for r in rows[-len(tiles) - 1 :]:
-                r["vs_inductor"] = base / r["ms"]
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else TILES
+    tiles = tiles[:2] if args.dry_run else tiles
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
     print(f"GPU {gpu}, torch {torch.__version__}; fp8 one-pass rows include v's quantization")
-    print(f"{'grid':<11} {'fp8':<5} {'kernel':<16} {'µs':>7} {'GB/s':>6} {'vs Inductor':>11}")
+    print(f"{'grid':<11} {'fp8':<5} {'kernel':<16} {'µs':>7} {'GB/s':>6} {'vs Inductor':>11}", flush=True)
+    rows = []
+    for grid_name, grid in grids.items():
+        for fp8 in (False, True):
+            group = measure(grid_name, grid, fp8, tiles)
+            for r in group:
+                mark = " (default)" if r.get("default") else ""
+                print(f"{r['grid']:<11} {r['fp8']!s:<5} {r['kernel']:<16} {r['ms'] * 1e3:7.1f} {r['gb_s']:6.0f} "
+                      f"{r['vs_inductor']:10.2f}×{mark}", flush=True)  # fmt: skip
+            rows += group
+            with open(args.json, "w") as f:  # after every group: a run cut short keeps what it measured
+                json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+def measure(grid_name: str, grid: tuple[int, int], fp8: bool, tiles: list[tuple[int, int]]) -> list[dict]:
+    """Inductor's row, then one row per tile, each with its speed relative to Inductor's."""
+    n = grid[0] * grid[1]
+    img = torch.randn(1, n, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
+    txt = torch.randn(1, TEXT, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
+    norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
+    cos, sin = lens_rope(grid, TEXT, (8, 28, 28), device=DEVICE)
+    weights = [m.weight for m in norms]
+    moved = 2 * img.numel() * 2 + 2 * txt.numel() * 2  # bytes: read the projections, write q/k/v (bf16)
+    compiled = torch.compile(inductor_path, dynamic=False) if DEVICE == "cuda" else inductor_path
+    with torch.no_grad():
+        base = bench_ms(lambda: compiled(img, txt, norms, cos, sin, fp8))
+        rows = [{"grid": grid_name, "fp8": fp8, "kernel": "Inductor", "ms": base, "gb_s": moved / base / 1e6}]
+        extra = 0.0  # fp8: v's quantization from the pass's amax, as the DiT's compiled blocks run it
+        if fp8:
+            _, v, _, v_amax = _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, True, BLOCK_L, WARPS)
+            quantize_v = torch.compile(to_fp8, dynamic=False) if DEVICE == "cuda" else to_fp8
+            extra = bench_ms(lambda: quantize_v(v, v_amax))
+        for block, warps in tiles:
+            ms = (
+                bench_ms(lambda b=block, w=warps: _joint_qkv(img, txt, *weights, cos, sin, 1e-6, HEADS, fp8, b, w))
+                + extra
+            )
+            rows.append({"grid": grid_name, "fp8": fp8, "kernel": f"one pass {block}×{warps}", "block": block,
+                         "warps": warps, "default": (block, warps) == (BLOCK_L, WARPS), "ms": ms,
+                         "gb_s": moved / ms / 1e6, "v_quantization_ms": extra})  # fmt: skip
     for r in rows:
-        mark = " (default)" if r.get("default") else ""
-        print(
-            f"{r['grid']:<11} {r['fp8']!s:<5} {r['kernel']:<16} {r['ms'] * 1e3:7.1f} {r['gb_s']:6.0f} {r['vs_inductor']:10.2f}×{mark}"
-        )
-    with open(args.json, "w") as f:
-        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        r["vs_inductor"] = base / r["ms"]
+    return rows
 
 
 if __name__ == "__main__":
