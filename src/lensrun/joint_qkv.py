@@ -118,8 +118,9 @@ def _joint_qkv(
     block: int,
     warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``joint_qkv`` (``block`` tokens per program, ``warps`` warps) with fp8 q/k as their bytes (uint8): Inductor's call of a user kernel failed to lower an
-    e4m3 pointer on torch 2.11 / Triton 3.6 (H200, 2026-11-29), a byte pointer lowers everywhere."""
+    """``joint_qkv`` (``block`` tokens per program, ``warps`` warps per program) with fp8 q/k as their bytes
+    (uint8): Inductor's call of this kernel failed to lower an e4m3 pointer on torch 2.11 / Triton 3.6 (H200,
+    2026-11-29); a byte pointer lowers everywhere."""
     img, txt, cos, sin = (t.contiguous() for t in (img, txt, cos, sin))  # the kernel indexes rows of them
     b, n, width = img.shape
     d = width // (3 * heads)
