@@ -5,6 +5,9 @@ between the two, and Turbo (4 steps, CFG 1) end to end with unseen prompts. One 
 guards of a second precision would slow the first's blocks):
 
     python benchmarks/step_graphs.py --root /tmp/lens-full --precision bf16 --json $OUT/graphs-bf16.json
+
+The Python loop is what every image of a shape not seen before runs (a new prompt length included), so its
+time with and without the one-pass attention inputs (``--unfused``) is the user's, not only the replays'.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lensrun import LensPipeline
+from lensrun import LensPipeline, attention
 from lensrun.random_checkpoint import ensure_checkpoint
 from lensrun.request import GenerationRequest
 
@@ -40,17 +43,28 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/lens-full")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--json", default="graphs.json")
+    ap.add_argument("--attention", default="auto", help="the DiT's attention backend (auto: as a run picks it)")
+    ap.add_argument(
+        "--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv"
+    )
     args = ap.parse_args()
     root = Path(args.root)
     ensure_checkpoint(root, device="cuda")
     t0 = time.perf_counter()
-    pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, args.precision)
+    pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda")
+    backend, why = attention.resolve(args.attention, args.precision, pipe.device, pipe.dtype)
+    pipe.transformer.set_attention_backend(backend)
+    for block in pipe.transformer.transformer_blocks:
+        block.attn.fused_inputs = not args.unfused
+    pipe.optimize(True, args.precision)
+    print(why, "(one-pass inputs off)" if args.unfused else "", flush=True)
     req = GenerationRequest.build(prompt=PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0)
     cond = pipe.encode_one(PROMPT)
     empty = [f[:, :0] for f in cond]
     noise = pipe.initial_noise(7, req.grid)
     report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "precision": args.precision, "rows": []}  # fmt: skip
+              "precision": args.precision, "attention": backend, "one_pass_inputs": not args.unfused,
+              "rows": []}  # fmt: skip
     latents = {}
     for graphs in (False, True):
         pipe.graph_steps = graphs
