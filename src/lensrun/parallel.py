@@ -252,6 +252,7 @@ def launch(options, tasks: list, notify=None, progress: bool = False, mode: str 
 
 
 def _worker(rank: int, world: int, mode: str, backend: str, port: int, options, tasks, notify, progress, errors) -> None:
+    """One spawned process of ``launch`` (it ends the process itself once its images are done)."""
     from lensrun.engine import Engine
 
     os.environ.update(NO_MULTICAST, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -140,7 +140,9 @@ class LensJointAttention(nn.Module):
             and self.head_dim & (self.head_dim - 1) == 0  # a Triton tile's sides are powers of two
         )
 
-    def _fused(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _fused(
+        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The eager path's attention with q/k norms, RoPE, the [image; text] concatenation and (fa3-fp8) q/k's
         quantization in one Triton pass (``lensrun.joint_qkv``), straight into FlashAttention's layout."""
         from lensrun.joint_qkv import joint_qkv
