@@ -309,3 +309,28 @@ def test_replicas_on_two_gpus_in_two_threads_give_the_one_gpu_images():
     for results in runs:
         assert all(r.ok for r in results)
         assert np.array_equal(np.asarray(results[3].image), np.asarray(alone.image))
+
+
+@pytest.mark.parametrize("backend", ["fa3", "fa3-fp8"])
+def test_the_one_pass_inputs_give_the_unfused_image_compiled_and_replayed(backend):
+    """FlashAttention fed by ``lensrun.joint_qkv`` inside the compiled blocks, through the Python step loop and
+    a replayed step graph, against the same backend fed by Inductor's kernels (same weights, seed, prompt)."""
+    from lensrun import LensPipeline, attention
+
+    if not (attention.installed(backend) and attention.supported(backend, torch.device("cuda"))):
+        pytest.skip("needs FlashAttention-3 on a Hopper GPU")
+    images = {}
+    for fused in (False, True):
+        torch._dynamo.reset()
+        pipe = LensPipeline.tiny_random(device="cuda", dtype=torch.bfloat16)
+        pipe.transformer.set_attention_backend(backend)
+        for block in pipe.transformer.transformer_blocks:
+            block.attn.fused_inputs = fused
+        pipe.optimize(compile=True)
+        runs = [pipe("a red kite over dunes", seed=4, height=64, width=96, num_inference_steps=3, output_type="pt")
+                for _ in range(3)]  # fmt: skip
+        assert len(pipe.step_graphs.graphs) == 1  # the second run captured, the third replayed
+        assert torch.equal(runs[1].images, runs[2].images)
+        images[fused] = runs[2].images
+    mse = float(((images[True] - images[False]) ** 2).mean())
+    assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= (40 if backend == "fa3" else 30)
