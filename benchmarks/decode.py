@@ -1,11 +1,12 @@
-"""The FLUX.2 VAE decode at the Lens sizes, four ways in one process: eager (today's path), eager with cuDNN's
-autotuner, eager channels-last (with the autotuner), and the channels-last decoder compiled — each with its first
-call (autotuning / compilation included) and its largest difference from the eager image.
+"""The FLUX.2 VAE decode at the Lens sizes, several ways in one process, each with its first call (autotuning /
+compilation included), median, largest difference from the first way's image and peak memory; and the top
+kernels of each eager way at 1024².
 
-Why: Turbo's 1024² image ends with the decode. On 2026-11-26 the compiled channels-last decoder took 36 ms at
-1024² (H200); since the engine dropped its compilation (2026-11-28: "compiling it cost more than a decode
-saves"), the eager decode takes 88–90 ms (speed.py's e2e rows), a third of Turbo's 0.25 s end to end. This
-measures which part of the 36 ms came from channels-last or the autotuner alone, which cost no compilation.
+Rows: eager with torch's GroupNorm (the diffusers model as is), eager with lensrun's ``decoding.group_norm`` (what
+the pipeline runs on a GPU), the same channels-last; ``--compiled`` adds the channels-last decoder compiled per
+size (the 2026-11-26 engine's decode, 36 ms at 1024² on an H200 after 23.5 s of compiling, 45.7 s again for
+1440² 16:9). 2026-11-29, H200: torch's GroupNorm statistics kernel took 44.6 of the 85 ms eager decode; cuDNN's
+autotuner (85.0 ms) and channels-last alone (129.5 ms) did not help; lensrun's GroupNorm: 41.4 ms, no compiling.
 
     python benchmarks/decode.py --json $OUT/decode.json
 """
@@ -21,6 +22,7 @@ import torch
 from diffusers import AutoencoderKLFlux2
 
 from lensrun.configs import FULL_VAE_CONFIG, vae_init_kwargs
+from lensrun.decoding import use_fast_group_norm
 
 SIZES = {"1024²": (128, 128), "1440² 16:9": (136, 242)}  # VAE latents [32, 2H, 2W] of the token grids
 
@@ -43,15 +45,40 @@ def seconds(fn, repeats: int = 5) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def top_kernels(decode, z: torch.Tensor, count: int = 12) -> list[dict]:
+    """The GPU kernels of one decode, largest total time first (printed too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode(z)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"eager decode 1024², GPU time {total / 1e3:.1f} ms in kernels; top {count}:")
+    top = []
+    for e in events[:count]:
+        top.append({"name": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3})
+        print(f"  {e.device_time_total / 1e3:7.2f} ms  {e.count:4d}×  {e.key[:100]}")
+    return top
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="decode.json")
+    ap.add_argument("--compiled", action="store_true", help="also the compiled channels-last decoder (70 s of compiling)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    vae = AutoencoderKLFlux2(**vae_init_kwargs(FULL_VAE_CONFIG)).to("cuda", torch.bfloat16).eval()
     latents = {name: torch.randn(1, 32, h, w, device="cuda", dtype=torch.bfloat16) for name, (h, w) in SIZES.items()}
     reference: dict[str, torch.Tensor] = {}
     rows = []
+
+    def fresh_vae(channels_last: bool) -> AutoencoderKLFlux2:
+        torch.manual_seed(0)  # the same weights for every way
+        vae = AutoencoderKLFlux2(**vae_init_kwargs(FULL_VAE_CONFIG)).to("cuda", torch.bfloat16).eval()
+        return vae.to(memory_format=torch.channels_last) if channels_last else vae
+
+    def decoder_of(vae: AutoencoderKLFlux2, channels_last: bool):
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return lambda z: vae.decode(z.contiguous(memory_format=layout), return_dict=False)[0]
 
     def measure(way: str, decode) -> None:
         for name, z in latents.items():
@@ -67,18 +94,22 @@ def main() -> None:
             print(f"{way:<34} {name:<11} first {first:7.3f} s  median {median * 1e3:7.1f} ms  "
                   f"max diff {r['max_diff_vs_eager']:.1e}  peak {r['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
 
-    def plain(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z, return_dict=False)[0]
-
-    measure("eager (today)", plain)
-    torch.backends.cudnn.benchmark = True
-    measure("eager + cudnn.benchmark", plain)
-    vae.to(memory_format=torch.channels_last)
-    measure("eager channels-last + benchmark", lambda z: plain(z.contiguous(memory_format=torch.channels_last)))
-    vae.decoder.compile()
-    measure("compiled channels-last + benchmark", lambda z: plain(z.contiguous(memory_format=torch.channels_last)))
+    eager = decoder_of(fresh_vae(False), False)
+    measure("eager, torch's GroupNorm", eager)
+    top = {"torch GroupNorm": top_kernels(eager, latents["1024²"])}
+    for channels_last in (False, True):
+        vae = fresh_vae(channels_last)
+        use_fast_group_norm(vae.decoder)
+        fast = decoder_of(vae, channels_last)
+        way = f"eager{', channels-last' if channels_last else ''}, lensrun group_norm"
+        measure(way, fast)
+        top[way] = top_kernels(fast, latents["1024²"])
+    if args.compiled:
+        vae = fresh_vae(True)
+        vae.decoder.compile()
+        measure("compiled channels-last, per size", decoder_of(vae, True))
     with open(args.json, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "top_kernels_1024": top}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -333,3 +333,21 @@ def test_the_one_pass_inputs_give_the_unfused_image_compiled_and_replayed(backen
         images[fused] = runs[2].images
     mse = float(((images[True] - images[False]) ** 2).mean())
     assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= (40 if backend == "fa3" else 30)
+
+
+def test_the_decoder_runs_lensruns_group_norm_on_the_gpu(gpu_pipe, monkeypatch):
+    """On a GPU the pipeline's VAE decoder goes through ``decoding.group_norm`` (torch's kernel is the slow part
+    of an eager decode there) and decodes what torch's GroupNorm decodes, up to bf16 roundings."""
+    from lensrun import decoding
+
+    calls = []
+    real = decoding.group_norm
+    monkeypatch.setattr(decoding, "group_norm", lambda *a: calls.append(a[0].shape) or real(*a))
+    z = torch.randn(1, gpu_pipe.vae.config.latent_channels, 8, 12, device="cuda", dtype=gpu_pipe.vae.dtype)
+    with torch.inference_mode():
+        ours = gpu_pipe.vae.decode(z).sample.float()
+    assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in gpu_pipe.vae.decoder.modules())
+    monkeypatch.setattr(decoding, "group_norm", torch.nn.functional.group_norm)
+    with torch.inference_mode():
+        torchs = gpu_pipe.vae.decode(z).sample.float()
+    torch.testing.assert_close(ours, torchs, atol=3e-2, rtol=3e-2)

@@ -246,8 +246,8 @@ def test_plan_choice_is_explained():
     small = GenerationRequest.build(prompt="x", variant="turbo")
     large = GenerationRequest.build(prompt="x", base_resolution=1440, aspect_ratio="16:9")
     plans, why = plans_for(cuda, [small, large], EngineOptions(vram="24GB"), sizes, compiled=False)
-    assert plans[0].name == "resident+bf16+vae-tiled" and len(plans) == 3
-    assert why.startswith("plan resident+bf16+vae-tiled: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
+    assert plans[0].name == "resident+bf16+emb-cpu" and len(plans) == 3
+    assert why.startswith("plan resident+bf16+emb-cpu: predicted peak 21.9 GiB of a 24.0 GiB budget (--vram)")
     assert "on out-of-memory: " + plans[1].name in why
     assert plans_for(cuda, [small], EngineOptions(vram="80"), sizes, compiled=False)[0][0] == Plan()
 
@@ -273,7 +273,7 @@ def test_decoded_experts_need_decode_chunks_where_the_fused_kernel_does_not():
     decoded = memory.predict(Plan(), sizes, 1088, 1936, fused_experts=False).phases["encode"]
     assert 3.5 * GIB < decoded - fused < 4.5 * GIB
     plan, _ = memory.choose(24 * GIB, 1088, 1936, fused_experts=False)
-    assert plan.name == "resident+bf16+enc-chunk8+vae-tiled"
+    assert plan.name == "resident+bf16+enc-chunk8+emb-cpu"
     assert {p.encoder_chunk for p in memory.candidate_plans(fused_experts=True)} == {32}
 
 

@@ -9,7 +9,9 @@ Activation model (measured 2026-11-25, H200, full-size random weights, `benchmar
 raw JSON in docs/measurements/): DiT forward, batch 1, mask-free: 0.19 GiB at 4216 tokens, 0.38 GiB at 8348
 (≈ 46 KiB/token); encoder: 4.0 GiB above its weights at any prompt length (one layer's 32 experts dequantized
 at once, plus the decode's index temporaries ≈ 10× the layer's packed experts); VAE decode: 2.38 GiB at 1024²,
-4.78 GiB at 1088×1936 (≈ 2.3 KiB/pixel), tiled: 2.38 GiB at any size.
+4.78 GiB at 1088×1936 (≈ 2.3 KiB/pixel), tiled: 2.38 GiB at any size. With lensrun's GroupNorm in the decoder
+(``decoding.group_norm``; benchmarks/decode.py, 2026-11-29, H200): 1.74 GiB at 1024², 3.26 GiB at 1088×1936; the
+planner takes the larger per-pixel rate (1024²'s) and keeps the tiled cap measured before (not re-measured).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ ENCODER_FIXED = 0.05 * GIB  # attention scores, hidden states, captured features
 # With the Triton kernel on the packed experts (lensrun.mxfp4_moe) nothing is decoded: measured 0.20–0.32 GiB
 # above the weights at 128–512 tokens, CUDA graph pool included (2026-11-26, H200, benchmarks/encoder.py).
 ENCODER_FUSED_EXTRA = 0.30 * GIB
-VAE_BYTES_PER_PIXEL = 4.776 * GIB / 2106368
+VAE_BYTES_PER_PIXEL = 1.737 * GIB / 1048576
 VAE_TILED_CAP = 2.386 * GIB
 SAFETY = 1.08  # allocator fragmentation and what the model above does not see
 # Relative DiT speed per precision, measured with the compiled path on the H100 (bf16 1.0; fp8 dynamic 1.39×

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lensrun import acceleration, loading
-from lensrun.decoding import decode_tokens, to_pil
+from lensrun.decoding import decode_tokens, to_pil, use_fast_group_norm
 from lensrun.errors import LensrunError
 from lensrun.memory import Plan
 from lensrun.placement import Placer
@@ -76,6 +76,7 @@ class LensPipeline:
     ) -> None:
         self.transformer = transformer.eval()
         self.vae = vae.eval()
+        use_fast_group_norm(self.vae.decoder)
         self.scheduler = scheduler
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.tokenizer = tokenizer
