@@ -79,7 +79,7 @@ def test_auto_on_the_cpu_is_sdpa_and_says_why():
     assert attention.resolve("auto", "bf16", CPU)[0] == "sdpa"
     with pytest.raises(LensrunError, match="fa3-fwd kernels|Hopper"):
         attention.resolve("fa3", "bf16", CPU)
-    with pytest.raises(LensrunError, match="not one of auto, sdpa, fa3, fa3-fp8"):
+    with pytest.raises(LensrunError, match="not one of auto, sdpa, fa3, fa3-fp8, sage"):
         attention.resolve("flash9", "bf16", CPU)
 
 
@@ -118,7 +118,7 @@ def test_the_backend_is_set_on_every_block_and_recorded(tmp_path):
     pipe.transformer.set_attention_backend("fa3-fp8")
     pipe.transformer.reset_attention_backend()
     assert {b.attn.backend for b in pipe.transformer.transformer_blocks} == {"sdpa"}
-    with pytest.raises(LensrunError, match="'flash' is not one of sdpa, fa3, fa3-fp8 \\(or diffusers' native"):
+    with pytest.raises(LensrunError, match="'flash' is not one of sdpa, fa3, fa3-fp8, sage \\(or diffusers' native"):
         pipe.transformer.set_attention_backend("flash")  # FlashAttention-2: not a lensrun backend
     assert pipe.transformer.attention_backend == "sdpa"
 
@@ -168,9 +168,32 @@ def test_only_flash_attention_on_one_device_pads_text():
     pipe = LensPipeline.tiny_random(device="cpu")
     features = [torch.randn(1, 9, 8) for _ in range(2)]
     assert pipe.bucket_text(features, 6) == (features, None)  # sdpa
+    pipe.transformer.set_attention_backend("sage")
+    assert pipe.bucket_text(features, 6) == (features, None)  # takes no key counts
     pipe.transformer.set_attention_backend("fa3")
     padded, counts = pipe.bucket_text(features, 6)
     assert [f.shape for f in padded] == [torch.Size([1, 64, 8])] * 2 and counts.tolist() == [15]
     assert torch.equal(padded[0][:, :9], features[0]) and not padded[0][:, 9:].any()
     empty = [f[:, :0] for f in features]
     assert pipe.bucket_text(empty, 6) == (empty, None)  # the empty negative prompt keeps its own shape
+
+
+def test_sage_is_dispatched_on_lensrun_layout_and_only_when_asked(monkeypatch):
+    """SageAttention takes [B, H, L, D] ("HND"); ``auto`` never picks it (not measured on the GPUs it is made
+    for); asked without the package or on the CPU, the error names what is missing."""
+    calls = []
+
+    def sageattn(q, k, v, tensor_layout, is_causal):
+        calls.append((tuple(q.shape), tensor_layout, is_causal))
+        return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.randn(1, 2, 9, 64) for _ in range(3))
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # not installed (importing it raises ImportError)
+    with pytest.raises(LensrunError, match=r"sageattention: pip install 'lensrun\[sage\]'"):
+        attention.resolve("sage", "bf16", CPU)
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=sageattn))
+    assert torch.allclose(attention.attend(q, k, v, None, "sage"), F.scaled_dot_product_attention(q, k, v))
+    assert calls == [((1, 2, 9, 64), "HND", False)]
+    with pytest.raises(LensrunError, match="Ampere"):
+        attention.resolve("sage", "bf16", CPU)
+    assert attention.resolve("auto", "bf16", CPU)[0] == "sdpa"

@@ -4,19 +4,23 @@
   always available, and the reference the others are checked against.
 * ``fa3``: FlashAttention-3's Hopper forward kernel in bf16 (the ``fa3-fwd`` wheel: ``pip install
   lensrun[hopper]``), sm_90 only.
-* ``fa3-fp8``: the same kernel on e4m3 inputs: the fp8 mode's attention. Inside the DiT q and k come already
-  quantized from ``lensrun.joint_qkv`` (scales from their RMSNorm's bound, which nothing exceeds; v's from its
-  amax per (batch, head)); called here on bf16 tensors, each of q/k/v gets amax / 448 per (batch, head).
+* ``fa3-fp8``: the same kernel as ``fa3`` on e4m3 inputs: the fp8 mode's attention. Inside the DiT q and k
+  come already quantized from ``lensrun.joint_qkv`` (scales from their RMSNorm's bound, which nothing exceeds;
+  v's from its amax per (batch, head)); called here on bf16 tensors, each of q/k/v gets amax / 448 per (batch,
+  head).
+* ``sage``: SageAttention 1.x (``pip install 'lensrun[sage]'``: Triton, INT8 Q·K), made for Ada/Ampere GPUs such
+  as the RTX 4090; on an H200 it was slower than cuDNN's SDPA (docs/performance.md).
 
 ``auto`` takes the fastest backend that is installed, runs on this GPU and passes a numeric check against SDPA
 at the Lens shape on first use (the verdict is cached per GPU, torch and kernel version): ``fa3`` for bf16
-runs, ``fa3-fp8`` for ``--quantize fp8`` runs, else ``sdpa``. Layouts: lensrun's tensors are [B, H, L, D];
-FlashAttention's are [B, L, H, D].
+runs, ``fa3-fp8`` for ``--quantize fp8`` runs, else ``sdpa``; ``sage`` only when asked, until it is measured on
+the GPUs it is made for. Layouts: lensrun's tensors are [B, H, L, D]; FlashAttention's are [B, L, H, D].
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import json
 
@@ -24,12 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from lensrun.errors import LensrunError
+from lensrun.request import ATTENTION_BACKENDS
 
-BACKENDS = ("sdpa", "fa3", "fa3-fp8")
+BACKENDS = ATTENTION_BACKENDS
 CHOICES = ("auto", *BACKENDS)
+FLASH = ("fa3", "fa3-fp8")  # FlashAttention-3: [B, L, H, D], Hopper only, the wheel lensrun[hopper]
 # Largest |difference| from fp32 attention allowed at the check's shape (unit-variance q/k/v, 24 heads of 64):
-# bf16 kernels measured 5-6e-4, fp8 1.8e-2 with unit scales (docs/performance.md, 2026-11-28).
-TOLERANCE = {"fa3": 2e-3, "fa3-fp8": 6e-2}
+# bf16 kernels measured 5-6e-4, fp8 1.8e-2 with unit scales (2026-11-28), sage 4.8e-3 (2026-11-29, H200).
+TOLERANCE = {"fa3": 2e-3, "fa3-fp8": 6e-2, "sage": 1e-2}
+INSTALL = {"fa3": "the fa3-fwd kernels: pip install 'lensrun[hopper]'", "fa3-fp8": "the fa3-fwd kernels: pip install 'lensrun[hopper]'",
+           "sage": "sageattention: pip install 'lensrun[sage]'"}  # fmt: skip
+MODULES = {"fa3": "fa3_fwd_interface", "fa3-fp8": "fa3_fwd_interface", "sage": "sageattention"}
+DISTRIBUTIONS = {"fa3": "fa3-fwd", "fa3-fp8": "fa3-fwd", "sage": "sageattention"}
 E4M3_MAX = 448.0
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what FlashAttention-3 computes in (fp8 inputs come from these)
 
@@ -59,10 +69,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor
     through SDPA), or how many leading keys count per batch row, int32 [B] (FlashAttention only: text padded to
     a fixed length, see ``pipeline.LensPipeline.bucket_text``)."""
     counts = keys is not None and keys.dtype == torch.int32
+    if counts and backend not in FLASH:
+        raise ValueError(f"key counts (padded text) need a FlashAttention backend; {backend} takes exact lengths")
     if backend == "sdpa" or (keys is not None and not counts):
-        if counts:
-            raise ValueError("key counts (padded text) need a FlashAttention backend; sdpa takes exact lengths")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+    if backend == "sage":
+        from sageattention import sageattn
+
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     counts = keys if counts else None
     if backend == "fa3":
@@ -105,17 +119,21 @@ def installed(backend: str) -> bool:
     if backend == "sdpa":
         return True
     try:
-        import fa3_fwd_interface  # noqa: F401
+        importlib.import_module(MODULES[backend])
     except ImportError:
         return False
     return True
 
 
 def supported(backend: str, device: torch.device) -> bool:
-    """FlashAttention-3's kernels are built for Hopper (sm_90) only."""
+    """FlashAttention-3's kernels are built for Hopper (sm_90) only; SageAttention's Triton kernels need an
+    NVIDIA GPU from Ampere (sm_80) on."""
     if backend == "sdpa":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    if device.type != "cuda":
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    return capability == (9, 0) if backend in FLASH else capability >= (8, 0)
 
 
 def resolve(asked: str, precision: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
@@ -127,9 +145,10 @@ def resolve(asked: str, precision: str, device: torch.device, dtype: torch.dtype
         if asked != "sdpa" and not half:
             raise LensrunError(f"--attention {asked} computes in bf16 or fp16; this run's dtype is {str(dtype).removeprefix('torch.')}: use sdpa")
         if not installed(asked):
-            raise LensrunError(f"--attention {asked} needs the fa3-fwd kernels: pip install 'lensrun[hopper]'")
+            raise LensrunError(f"--attention {asked} needs {INSTALL[asked]}")
         if not supported(asked, device):
-            raise LensrunError(f"--attention {asked} runs on Hopper GPUs (sm_90) only; use sdpa")
+            gpus = "Hopper GPUs (sm_90) only" if asked in FLASH else "NVIDIA GPUs from Ampere (sm_80) on"
+            raise LensrunError(f"--attention {asked} runs on {gpus}; use sdpa")
         return asked, f"attention {asked}: asked with --attention"
     preferred = "fa3-fp8" if precision == "fp8" else "fa3"
     if not half:
@@ -151,7 +170,7 @@ def verified_error(backend: str, device: torch.device) -> float:
     from lensrun.prompt_cache import default_cache_dir
 
     name = torch.cuda.get_device_name(device)
-    key = f"{backend}|{name}|{torch.__version__}|{_kernel_version()}"
+    key = f"{backend}|{name}|{torch.__version__}|{_kernel_version(backend)}"
     path = default_cache_dir() / "attention-checks.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key not in known:
@@ -171,8 +190,8 @@ def measure_error(backend: str, device: torch.device, tokens: int = 4196, heads:
 
 
 @functools.cache
-def _kernel_version() -> str:
+def _kernel_version(backend: str) -> str:
     try:
-        return importlib.metadata.version("fa3-fwd")
+        return importlib.metadata.version(DISTRIBUTIONS[backend])
     except importlib.metadata.PackageNotFoundError:
         return "none"

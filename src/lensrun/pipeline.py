@@ -492,9 +492,9 @@ class LensPipeline:
         (image + valid text, int32 [B]) — for a FlashAttention backend on one device, where the count leaves
         the padding out of the attention (the same image). New prompt lengths then reuse compiled shapes and
         captured step graphs instead of running the Python step loop. SDPA, a token split and empty text keep
-        their exact lengths (None: every key counts)."""
+        their exact lengths (None: every key counts), as does SageAttention (it takes no key counts)."""
         length = features[0].shape[1]
-        if self.transformer.attention_backend == "sdpa" or self.parallel is not None or length == 0:
+        if self.transformer.attention_backend not in ("fa3", "fa3-fp8") or self.parallel is not None or length == 0:
             return features, None
         padded = -(-length // TEXT_BUCKET) * TEXT_BUCKET
         counts = torch.full((features[0].shape[0],), image_tokens + length, dtype=torch.int32, device=self.device)

@@ -59,6 +59,7 @@ NOISE_SOURCES = ("cpu", "device")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PLACEMENTS = ("resident", "phased", "offload", "stream")
 PRECISIONS = ("bf16", "fp8", "fp8-weight", "int8-weight", "int4-weight")
+ATTENTION_BACKENDS = ("sdpa", "fa3", "fa3-fp8", "sage")  # lensrun.attention says what each is
 # Spellings users know from the field report / torchao names.
 PRECISION_ALIASES = {
     "float8_weight_only": "fp8-weight",
@@ -357,7 +358,7 @@ class EngineOptions:
     )  # fmt: skip
     attention: str = option(
         "auto", "attention kernel; auto: the fastest installed one that passes a numeric check on this GPU",
-        choices=("auto", "sdpa", "fa3", "fa3-fp8"), example="sdpa",
+        choices=("auto", *ATTENTION_BACKENDS), example="sdpa",
     )  # fmt: skip
 
     def resolved(self) -> EngineOptions:

@@ -134,7 +134,7 @@ class LensJointAttention(nn.Module):
         norm weights in the activations' half-precision dtype (the kernel rounds as the eager path does)."""
         return (
             self.fused_inputs
-            and self.backend != "sdpa"
+            and self.backend in ("fa3", "fa3-fp8")
             and (keys is None or keys.dtype == torch.int32)
             and self.sequence is None
             and x.is_cuda
