@@ -123,7 +123,8 @@ def test_the_backend_is_set_on_every_block_and_recorded(tmp_path):
     assert pipe.transformer.attention_backend == "sdpa"
 
 
-def test_replay_of_an_fa3_image_here_uses_sdpa_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recorded", ["fa3", "flash-attn-9"])  # not on this machine; unknown to this lensrun
+def test_replay_of_an_image_whose_kernel_cannot_run_here_uses_sdpa_and_says_so(recorded, tmp_path, monkeypatch):
     from lensrun.metadata import save_png
 
     monkeypatch.setattr(attention, "supported", lambda backend, device: backend == "sdpa")  # e.g. no Hopper GPU
@@ -132,10 +133,10 @@ def test_replay_of_an_fa3_image_here_uses_sdpa_and_says_so(tmp_path, monkeypatch
     config = read_config(path)
     from PIL import Image
 
-    save_png(Image.open(path), tmp_path / "fa3.png", {**config, "attention": "fa3"})
+    save_png(Image.open(path), tmp_path / "in.png", {**config, "attention": recorded})
     said = []
-    replayed = api.replay(tmp_path / "fa3.png", out=tmp_path / "r", notify=said.append)
-    assert any("fa3 attention kernel, which cannot run here; using sdpa" in m for m in said)
+    replayed = api.replay(tmp_path / "in.png", out=tmp_path / "r", notify=said.append)
+    assert any(f"{recorded} attention kernel, which cannot run here; using sdpa" in m for m in said)
     assert read_config(replayed)["attention"] == "sdpa"
 
 

@@ -116,11 +116,13 @@ def to_fp8(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Ten
 
 
 def installed(backend: str) -> bool:
+    """Whether ``backend``'s package imports here (False for a name this lensrun does not know, e.g. from a
+    PNG made by another version)."""
     if backend == "sdpa":
         return True
     try:
         importlib.import_module(MODULES[backend])
-    except ImportError:
+    except (ImportError, KeyError):
         return False
     return True
 
