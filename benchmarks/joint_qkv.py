@@ -16,11 +16,10 @@ import json
 import time
 
 import torch
-from diffusers.models.normalization import RMSNorm
 
 from lensrun.attention import to_fp8
 from lensrun.joint_qkv import BLOCK_L, WARPS, _joint_qkv
-from lensrun.models.transformer_lens import apply_rope, lens_rope
+from lensrun.models.transformer_lens import LensJointAttention, lens_rope
 
 HEADS, DIM, TEXT = 24, 64, 100
 GRIDS = {"1024²": (64, 64), "1440² 16:9": (68, 121)}
@@ -41,18 +40,10 @@ def bench_ms(fn) -> float:
 TILES = [(block, warps) for block in (16, 32, 64, 128) for warps in (1, 2, 4, 8) if block * DIM // (32 * warps) >= 4]
 
 
-def inductor_path(img, txt, weights, cos, sin, fp8: bool):
-    """What Inductor runs without the one pass: [B, L, H, D] q, k, v (fp8: e4m3 with per-head amax scales)."""
-
-    def split(x):
-        return x.view(x.shape[0], x.shape[1], 3, HEADS, DIM).permute(2, 0, 3, 1, 4).unbind(0)
-
-    (q_i, k_i, v_i), (q_t, k_t, v_t) = split(img), split(txt)
-    q = torch.cat([weights[0](q_i), weights[2](q_t)], dim=2)
-    k = torch.cat([weights[1](k_i), weights[3](k_t)], dim=2)
-    q, k, v = (
-        t.transpose(1, 2) for t in (apply_rope(q, cos, sin), apply_rope(k, cos, sin), torch.cat([v_i, v_t], dim=2))
-    )
+def inductor_path(attn: LensJointAttention, img, txt, cos, sin, fp8: bool):
+    """What Inductor runs without the one pass: the model's ``joint_inputs`` in FlashAttention's [B, L, H, D]
+    layout (fp8: e4m3 with per-head amax scales)."""
+    q, k, v = (t.transpose(1, 2) for t in attn.joint_inputs(img, txt, cos, sin))
     return tuple(to_fp8(t) for t in (q, k, v)) if fp8 else (q.contiguous(), k.contiguous(), v.contiguous())
 
 
@@ -86,13 +77,13 @@ def measure(grid_name: str, grid: tuple[int, int], fp8: bool, tiles: list[tuple[
     n = grid[0] * grid[1]
     img = torch.randn(1, n, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
     txt = torch.randn(1, TEXT, 3 * HEADS * DIM, device=DEVICE, dtype=torch.bfloat16)
-    norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
+    attn = LensJointAttention(HEADS * DIM, HEADS, DIM).to(DEVICE, torch.bfloat16)
     cos, sin = lens_rope(grid, TEXT, (8, 28, 28), device=DEVICE)
-    weights = [m.weight for m in norms]
+    weights = [attn.norm_q.weight, attn.norm_k.weight, attn.norm_added_q.weight, attn.norm_added_k.weight]
     moved = 2 * img.numel() * 2 + 2 * txt.numel() * 2  # bytes: read the projections, write q/k/v (bf16)
     compiled = torch.compile(inductor_path, dynamic=False) if DEVICE == "cuda" else inductor_path
     with torch.no_grad():
-        base = bench_ms(lambda: compiled(img, txt, norms, cos, sin, fp8))
+        base = bench_ms(lambda: compiled(attn, img, txt, cos, sin, fp8))
         rows = [{"grid": grid_name, "fp8": fp8, "kernel": "Inductor", "ms": base, "gb_s": moved / base / 1e6}]
         extra = 0.0  # fp8: v's quantization from the pass's amax, as the DiT's compiled blocks run it
         if fp8:

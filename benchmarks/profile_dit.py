@@ -66,8 +66,7 @@ def profile_forward(root: Path, precision: str, attention: str, fused: bool, rep
 
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, precision)
     pipe.transformer.set_attention_backend(attention)
-    for block in pipe.transformer.transformer_blocks:
-        block.attn.fused_inputs = fused
+    pipe.transformer.set_fused_attention_inputs(fused)
     text = [torch.randn(1, TEXT, 2880, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
     for grid, (gh, gw) in GRIDS.items():

@@ -122,8 +122,7 @@ def main() -> None:
     def use_attention(p: LensPipeline, precision: str) -> None:
         backend, why = attention.resolve(args.attention, precision, p.device, p.dtype)
         p.transformer.set_attention_backend(backend)
-        for block in p.transformer.transformer_blocks:
-            block.attn.fused_inputs = not args.unfused
+        p.transformer.set_fused_attention_inputs(not args.unfused)
         log(why)
 
     def run_mode(mode: str, p: LensPipeline) -> None:
@@ -161,7 +160,7 @@ def main() -> None:
                 loop, _ = timed(fn, 1)
             row = {
                 "mode": mode, "case": case, "attention": p.transformer.attention_backend,
-                "fused_inputs": mode != "baseline" and p.transformer.attention_backend != "sdpa" and not args.unfused, "denoise_s": med, "denoise_all_s": times, "denoise_python_loop_s": loop and loop[0], "warmup_s": warm_t[0], "warmup_all_s": warm_t,
+                "fused_inputs": mode != "baseline" and p.transformer.attention_backend in attention.FLASH and not args.unfused, "denoise_s": med, "denoise_all_s": times, "denoise_python_loop_s": loop and loop[0], "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
                 "e2e_first_new_prompt_s": first_new[0], "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,

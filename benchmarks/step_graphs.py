@@ -54,8 +54,7 @@ def main() -> None:
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda")
     backend, why = attention.resolve(args.attention, args.precision, pipe.device, pipe.dtype)
     pipe.transformer.set_attention_backend(backend)
-    for block in pipe.transformer.transformer_blocks:
-        block.attn.fused_inputs = not args.unfused
+    pipe.transformer.set_fused_attention_inputs(not args.unfused)
     pipe.optimize(True, args.precision)
     print(why, "(one-pass inputs off)" if args.unfused else "", flush=True)
     req = GenerationRequest.build(prompt=PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=20, cfg=5.0)

@@ -324,8 +324,7 @@ def test_the_one_pass_inputs_give_the_unfused_image_compiled_and_replayed(backen
         torch._dynamo.reset()
         pipe = LensPipeline.tiny_random(device="cuda", dtype=torch.bfloat16)
         pipe.transformer.set_attention_backend(backend)
-        for block in pipe.transformer.transformer_blocks:
-            block.attn.fused_inputs = fused
+        pipe.transformer.set_fused_attention_inputs(fused)
         pipe.optimize(compile=True)
         runs = [pipe("a red kite over dunes", seed=4, height=64, width=96, num_inference_steps=3, output_type="pt")
                 for _ in range(3)]  # fmt: skip

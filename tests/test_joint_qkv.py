@@ -10,10 +10,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()  # without it, conftest.py has put Triton in interpreter mode
 
-from diffusers.models.normalization import RMSNorm
-
 from lensrun.joint_qkv import joint_qkv
-from lensrun.models.transformer_lens import LensJointAttention, apply_rope, lens_rope
+from lensrun.models.transformer_lens import LensJointAttention, lens_rope
 
 DEVICE = "cuda" if CUDA else "cpu"
 HEADS, DIM = 3, 64
@@ -21,27 +19,26 @@ ULPS = 2 if CUDA else 8  # bf16 units in the last place
 
 
 def _inputs(batch: int, grid: tuple[int, int], text: int, seed: int = 0):
+    """QKV projections of ``batch`` images and ``text`` tokens, a joint attention with random norm weights (its
+    ``joint_inputs`` is the eager path), and the RoPE tables."""
     gen = torch.Generator().manual_seed(seed)
     width = 3 * HEADS * DIM
     img = (torch.randn(batch, grid[0] * grid[1], width, generator=gen) * 3).to(DEVICE, torch.bfloat16)
     txt = torch.randn(batch, text, width, generator=gen).to(DEVICE, torch.bfloat16)
-    norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
-    for norm in norms:
+    attn = LensJointAttention(HEADS * DIM, HEADS, DIM).to(DEVICE, torch.bfloat16)
+    for norm in _norms(attn):
         norm.weight.data = (torch.rand(DIM, generator=gen) * 2 + 0.1).to(DEVICE, torch.bfloat16)
     cos, sin = lens_rope(grid, text, (8, 28, 28), device=DEVICE)
-    return img, txt, norms, cos, sin
+    return img, txt, attn, cos, sin
 
 
-def _eager(img, txt, norms, cos, sin):
-    """The unfused path of ``LensJointAttention.forward``: [B, H, L, D] q, k, v."""
+def _norms(attn: LensJointAttention) -> tuple:
+    """Its q/k norms in ``joint_qkv``'s order: image q, image k, text q, text k."""
+    return attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k
 
-    def split(x):
-        return x.view(x.shape[0], x.shape[1], 3, HEADS, DIM).permute(2, 0, 3, 1, 4).unbind(0)
 
-    (q_i, k_i, v_i), (q_t, k_t, v_t) = split(img), split(txt)
-    q = torch.cat([norms[0](q_i), norms[2](q_t)], dim=2)
-    k = torch.cat([norms[1](k_i), norms[3](k_t)], dim=2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), torch.cat([v_i, v_t], dim=2)
+def _weights(attn: LensJointAttention) -> tuple[torch.Tensor, ...]:
+    return tuple(norm.weight for norm in _norms(attn))
 
 
 def _close(fused: torch.Tensor, eager: torch.Tensor, ulps: float) -> bool:
@@ -54,10 +51,10 @@ def _close(fused: torch.Tensor, eager: torch.Tensor, ulps: float) -> bool:
 @pytest.mark.parametrize(("batch", "grid", "text"), [(1, (5, 7), 9), (2, (9, 15), 70), (1, (6, 11), 0)])
 def test_one_pass_equals_norm_rope_and_concatenation(batch, grid, text):
     """Odd token counts, a sequence across several 64-token tiles, two images, and the empty negative prompt."""
-    img, txt, norms, cos, sin = _inputs(batch, grid, text)
+    img, txt, attn, cos, sin = _inputs(batch, grid, text)
     with torch.no_grad():
-        qk, v, descale, v_amax = joint_qkv(img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, False)
-        q, k, v_ref = _eager(img, txt, norms, cos, sin)
+        qk, v, descale, v_amax = joint_qkv(img, txt, _weights(attn), (cos, sin), 1e-6, HEADS, False)
+        q, k, v_ref = attn.joint_inputs(img, txt, cos, sin)
     assert qk.shape == (2, batch, grid[0] * grid[1] + text, HEADS, DIM) and qk.dtype == torch.bfloat16
     assert torch.equal(v, v_ref.transpose(1, 2))
     assert _close(qk[0], q.transpose(1, 2), ULPS) and _close(qk[1], k.transpose(1, 2), ULPS)
@@ -65,12 +62,13 @@ def test_one_pass_equals_norm_rope_and_concatenation(batch, grid, text):
 
 
 def test_fp8_scales_come_from_the_norm_weights_and_v_keeps_its_amax():
-    img, txt, norms, cos, sin = _inputs(2, (7, 9), 13, seed=1)
+    img, txt, attn, cos, sin = _inputs(2, (7, 9), 13, seed=1)
     with torch.no_grad():
-        qk, v, descale, v_amax = joint_qkv(img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, True)
-        q, k, v_ref = _eager(img, txt, norms, cos, sin)
+        qk, v, descale, v_amax = joint_qkv(img, txt, _weights(attn), (cos, sin), 1e-6, HEADS, True)
+        q, k, v_ref = attn.joint_inputs(img, txt, cos, sin)
     assert qk.dtype == torch.float8_e4m3fn and descale.shape == (2, 2, HEADS)
-    for which, (reference, image_norm, text_norm) in enumerate(((q, norms[0], norms[2]), (k, norms[1], norms[3]))):
+    pairs = ((q, attn.norm_q, attn.norm_added_q), (k, attn.norm_k, attn.norm_added_k))
+    for which, (reference, image_norm, text_norm) in enumerate(pairs):
         bound = DIM**0.5 * (1 + 2**-6) * max(image_norm.weight.abs().max(), text_norm.weight.abs().max()).float()
         assert torch.allclose(descale[which], (bound / 448).expand(2, HEADS))
         assert reference.abs().max() <= bound  # the bound holds: nothing was clipped
@@ -115,9 +113,9 @@ def test_compiled_with_changing_token_counts_equals_eager():
     """Inside a compiled region (as in the DiT's blocks) with dynamic token counts: the same outputs."""
     compiled = torch.compile(joint_qkv, dynamic=True, fullgraph=True)
     for grid, text in (((6, 11), 17), ((9, 15), 70), ((6, 11), 0)):
-        img, txt, norms, cos, sin = _inputs(1, grid, text)
+        img, txt, attn, cos, sin = _inputs(1, grid, text)
         for fp8 in (False, True):
-            args = (img, txt, tuple(n.weight for n in norms), (cos, sin), 1e-6, HEADS, fp8)
+            args = (img, txt, _weights(attn), (cos, sin), 1e-6, HEADS, fp8)
             with torch.no_grad():
                 for a, b in zip(compiled(*args), joint_qkv(*args), strict=True):
                     assert torch.equal(_bits(a), _bits(b))

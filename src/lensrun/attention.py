@@ -23,6 +23,7 @@ import functools
 import importlib
 import importlib.metadata
 import json
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,23 @@ FLASH = ("fa3", "fa3-fp8")  # FlashAttention-3: [B, L, H, D], Hopper only, the w
 # Largest |difference| from fp32 attention allowed at the check's shape (unit-variance q/k/v, 24 heads of 64):
 # bf16 kernels measured 5-6e-4, fp8 1.8e-2 with unit scales (2026-11-28), sage 4.8e-3 (2026-11-29, H200).
 TOLERANCE = {"fa3": 2e-3, "fa3-fp8": 6e-2, "sage": 1e-2}
-INSTALL = {"fa3": "the fa3-fwd kernels: pip install 'lensrun[hopper]'", "fa3-fp8": "the fa3-fwd kernels: pip install 'lensrun[hopper]'",
-           "sage": "sageattention: pip install 'lensrun[sage]'"}  # fmt: skip
-MODULES = {"fa3": "fa3_fwd_interface", "fa3-fp8": "fa3_fwd_interface", "sage": "sageattention"}
-DISTRIBUTIONS = {"fa3": "fa3-fwd", "fa3-fp8": "fa3-fwd", "sage": "sageattention"}
+
+
+class Package(NamedTuple):
+    """An optional backend's package: the module to import, its distribution (whose version keys the cached
+    numeric check) and what to install."""
+
+    module: str
+    distribution: str
+    install: str
+
+
+_FA3 = Package("fa3_fwd_interface", "fa3-fwd", "the fa3-fwd kernels: pip install 'lensrun[hopper]'")
+PACKAGES = {
+    "fa3": _FA3,
+    "fa3-fp8": _FA3,
+    "sage": Package("sageattention", "sageattention", "sageattention: pip install 'lensrun[sage]'"),
+}
 E4M3_MAX = 448.0
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what FlashAttention-3 computes in (fp8 inputs come from these)
 
@@ -121,7 +135,7 @@ def installed(backend: str) -> bool:
     if backend == "sdpa":
         return True
     try:
-        importlib.import_module(MODULES[backend])
+        importlib.import_module(PACKAGES[backend].module)
     except (ImportError, KeyError):
         return False
     return True
@@ -147,7 +161,7 @@ def resolve(asked: str, precision: str, device: torch.device, dtype: torch.dtype
         if asked != "sdpa" and not half:
             raise LensrunError(f"--attention {asked} computes in bf16 or fp16; this run's dtype is {str(dtype).removeprefix('torch.')}: use sdpa")
         if not installed(asked):
-            raise LensrunError(f"--attention {asked} needs {INSTALL[asked]}")
+            raise LensrunError(f"--attention {asked} needs {PACKAGES[asked].install}")
         if not supported(asked, device):
             gpus = "Hopper GPUs (sm_90) only" if asked in FLASH else "NVIDIA GPUs from Ampere (sm_80) on"
             raise LensrunError(f"--attention {asked} runs on {gpus}; use sdpa")
@@ -194,6 +208,6 @@ def measure_error(backend: str, device: torch.device, tokens: int = 4196, heads:
 @functools.cache
 def _kernel_version(backend: str) -> str:
     try:
-        return importlib.metadata.version(DISTRIBUTIONS[backend])
+        return importlib.metadata.version(PACKAGES[backend].distribution)
     except importlib.metadata.PackageNotFoundError:
         return "none"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lensrun import acceleration, loading
+from lensrun import acceleration, attention, loading
 from lensrun.decoding import decode_tokens, to_pil
 from lensrun.errors import LensrunError
 from lensrun.memory import Plan
@@ -494,7 +494,7 @@ class LensPipeline:
         captured step graphs instead of running the Python step loop. SDPA, a token split and empty text keep
         their exact lengths (None: every key counts), as does SageAttention (it takes no key counts)."""
         length = features[0].shape[1]
-        if self.transformer.attention_backend not in ("fa3", "fa3-fp8") or self.parallel is not None or length == 0:
+        if self.transformer.attention_backend not in attention.FLASH or self.parallel is not None or length == 0:
             return features, None
         padded = -(-length // TEXT_BUCKET) * TEXT_BUCKET
         counts = torch.full((features[0].shape[0],), image_tokens + length, dtype=torch.int32, device=self.device)

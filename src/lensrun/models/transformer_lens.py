@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from torch import nn
 
-from lensrun.attention import attend, backend_name, flash, to_fp8
+from lensrun.attention import FLASH, attend, backend_name, flash, to_fp8
 
 ROPE_THETA = 10000.0
 
@@ -101,10 +101,26 @@ class LensJointAttention(nn.Module):
         self.backend = "sdpa"  # lensrun.attention backend name
         self.fused_inputs = True  # FlashAttention on a GPU: norms, RoPE and layout in one kernel (joint_qkv)
 
-    def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, length, _ = x.shape
-        q, k, v = proj(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def _qkv(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, length, _ = projected.shape
+        q, k, v = projected.view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
+
+    def joint_inputs(
+        self, img_qkv: torch.Tensor, txt_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The QKV projections [B, N, 3·H·D] and [B, S, 3·H·D] → q, k, v [B, H, N + S, D]: per-head RMSNorm of
+        q and k, the [image; text] concatenation, RoPE (what ``lensrun.joint_qkv`` does in one pass)."""
+        q_i, k_i, v_i = self._qkv(img_qkv)
+        q_t, k_t, v_t = self._qkv(txt_qkv)
+        q = torch.cat([self.norm_q(q_i), self.norm_added_q(q_t)], dim=2)
+        k = torch.cat([self.norm_k(k_i), self.norm_added_k(k_t)], dim=2)
+        v = torch.cat([v_i, v_t], dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _project(self, out: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output [B, N + S, H·D] → (image, text) through their output projections."""
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
     def forward(
         self,
@@ -118,23 +134,17 @@ class LensJointAttention(nn.Module):
         n = x.shape[1]
         if self._fuses(x, keys):
             return self._fused(x, c, cos, sin, keys)
-        q_i, k_i, v_i = self._qkv(self.img_qkv, x)
-        q_t, k_t, v_t = self._qkv(self.txt_qkv, c)
-        q = torch.cat([self.norm_q(q_i), self.norm_added_q(q_t)], dim=2)
-        k = torch.cat([self.norm_k(k_i), self.norm_added_k(k_t)], dim=2)
-        v = torch.cat([v_i, v_t], dim=2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.joint_inputs(self.img_qkv(x), self.txt_qkv(c), cos, sin)
         if self.sequence is not None:
             return self._sequence_parallel(q, k, v, n)
-        out = attend(q, k, v, keys, self.backend).transpose(1, 2).flatten(2)
-        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+        return self._project(attend(q, k, v, keys, self.backend).transpose(1, 2).flatten(2), n)
 
     def _fuses(self, x: torch.Tensor, keys: torch.Tensor | None) -> bool:
         """Whether this call takes ``_fused``: FlashAttention without a mask or a token split, on a GPU, with
         norm weights in the activations' half-precision dtype (the kernel rounds as the eager path does)."""
         return (
             self.fused_inputs
-            and self.backend in ("fa3", "fa3-fp8")
+            and self.backend in FLASH
             and (keys is None or keys.dtype == torch.int32)
             and self.sequence is None
             and x.is_cuda
@@ -159,8 +169,7 @@ class LensJointAttention(nn.Module):
             out = flash(qk[0], qk[1], v8, (descale[0], descale[1], v_scale), x.dtype, counts)
         else:
             out = flash(qk[0], qk[1], v, counts=counts)
-        out = out.flatten(2)
-        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+        return self._project(out.flatten(2), n)
 
     def _sequence_parallel(self, q, k, v, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ulysses: this rank's ``n`` image tokens of every head become every image token of its share of the
@@ -351,6 +360,12 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
     def reset_attention_backend(self) -> None:
         """Back to torch's SDPA (diffusers' call of the same name)."""
         self.set_attention_backend("sdpa")
+
+    def set_fused_attention_inputs(self, on: bool) -> None:
+        """Whether FlashAttention's inputs come from ``lensrun.joint_qkv``'s one pass (the default) or from
+        ``LensJointAttention.joint_inputs`` compiled by Inductor (benchmarks compare the two)."""
+        for block in self.transformer_blocks:
+            block.attn.fused_inputs = on
 
     @property
     def attention_backend(self) -> str:
