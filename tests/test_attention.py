@@ -18,18 +18,25 @@ TINY = {"model": "tiny-random", "device": "cpu", "height": 32, "width": 32, "ste
 
 @pytest.fixture
 def fake_fa3(monkeypatch):
-    """``fa3_fwd_interface.flash_attn_func`` with FlashAttention's conventions ([B, L, H, D]; fp8 inputs with
-    (batch, head) descales), computed by SDPA; records what it was given."""
+    """``fa3_fwd_interface._flash_attn_forward`` with FlashAttention's conventions ([B, L, H, D]; fp8 inputs with
+    (batch, head) descales; ``seqused_k``: only the first keys of each row), computed by SDPA; records what it
+    was given."""
     calls = []
 
-    def flash_attn_func(q, k, v, q_descale=None, k_descale=None, v_descale=None):
-        calls.append({"dtype": q.dtype, "shape": tuple(q.shape), "descale": None if q_descale is None else tuple(q_descale.shape)})
+    def _flash_attn_forward(q, k, v, seqused_k=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None):
+        calls.append({"dtype": q.dtype, "shape": tuple(q.shape), "descale": None if q_descale is None else tuple(q_descale.shape),
+                      "seqused_k": None if seqused_k is None else seqused_k.tolist()})  # fmt: skip
+        assert softmax_scale == q.shape[-1] ** -0.5
         if q.dtype == torch.float8_e4m3fn:
             q, k, v = (t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale)))
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
-        return out.to(torch.float32), None
+        rows = []
+        for b in range(q.shape[0]):
+            used = k.shape[1] if seqused_k is None else int(seqused_k[b])
+            qb, kb, vb = (t[b : b + 1].transpose(1, 2).float() for t in (q, k[:, :used], v[:, :used]))
+            rows.append(F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2))
+        return torch.cat(rows), None, None, None
 
-    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.SimpleNamespace(_flash_attn_forward=_flash_attn_forward))
     return calls
 
 
@@ -39,11 +46,25 @@ def test_flash_layout_and_fp8_scales(fake_fa3):
     reference = F.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(attention.attend(q, k, v, None, "fa3"), reference, atol=1e-6)
     fp8 = attention.attend(q, k, v, None, "fa3-fp8")
-    assert fake_fa3[-1] == {"dtype": torch.float8_e4m3fn, "shape": (1, 37, 4, 64), "descale": (1, 4)}
+    assert fake_fa3[-1] == {"dtype": torch.float8_e4m3fn, "shape": (1, 37, 4, 64), "descale": (1, 4), "seqused_k": None}
     assert (fp8 - reference).abs().max() < 0.1  # e4m3 keeps 3 mantissa bits; scales from the real values
     mask = torch.ones(1, 1, 37, 37, dtype=torch.bool)
     attention.attend(q, k, v, mask, "fa3")  # a mask always goes through SDPA
     assert len(fake_fa3) == 2
+
+
+def test_key_counts_leave_padded_keys_out(fake_fa3):
+    """Text padded to a fixed length: FlashAttention's ``seqused_k`` attends to the first keys only, which is
+    attention over the unpadded sequence; SDPA refuses counts (it takes exact lengths)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 40, 64) for _ in range(3))
+    counts = torch.tensor([31, 40], dtype=torch.int32)
+    out = attention.attend(q, k, v, counts, "fa3")
+    for b, used in enumerate(counts.tolist()):
+        exact = F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :used], v[b : b + 1, :, :used])
+        assert torch.allclose(out[b : b + 1], exact, atol=1e-6)
+    with pytest.raises(ValueError, match="FlashAttention"):
+        attention.attend(q, k, v, counts, "sdpa")
 
 
 def test_fp8_scales_use_each_heads_range():
@@ -117,6 +138,45 @@ def test_replay_of_an_image_whose_kernel_cannot_run_here_uses_sdpa_and_says_so(r
     replayed = api.replay(tmp_path / "in.png", out=tmp_path / "r", notify=said.append)
     assert any(f"{recorded} attention kernel, which cannot run here; using sdpa" in m for m in said)
     assert read_config(replayed)["attention"] == "sdpa"
+
+
+def test_padded_text_with_key_counts_gives_the_exact_length_image(fake_fa3):
+    """With a FlashAttention backend the pipeline pads the text to a multiple of ``TEXT_BUCKET`` and passes the
+    count of keys that count: the image of the exact-length path (SDPA), and one shape for many prompt lengths."""
+    from lensrun import LensPipeline
+    from lensrun.pipeline import TEXT_BUCKET
+
+    pipe = LensPipeline.tiny_random(device="cpu")
+    kwargs = {"seed": 3, "height": 32, "width": 48, "num_inference_steps": 2, "output_type": "pt"}
+    exact = pipe("a lighthouse", negative_prompt="fog", **kwargs).images
+    assert not fake_fa3  # sdpa: exact lengths, FlashAttention never called
+    pipe.transformer.set_attention_backend("fa3")
+    padded = pipe("a lighthouse", negative_prompt="fog", **kwargs).images
+    image_tokens = (32 // 16) * (48 // 16)
+    lengths = {c["shape"][1] - image_tokens for c in fake_fa3}
+    assert lengths == {TEXT_BUCKET}  # both prompts padded to one bucket
+    assert {c["seqused_k"][0] for c in fake_fa3} == {image_tokens + n for n in _text_lengths(pipe, "a lighthouse", "fog")}
+    assert torch.allclose(padded, exact, atol=1e-5)
+
+
+def _text_lengths(pipe, *prompts: str) -> set[int]:
+    return {pipe.encode_one(p)[0].shape[1] for p in prompts}
+
+
+def test_only_flash_attention_on_one_device_pads_text():
+    from lensrun import LensPipeline
+
+    pipe = LensPipeline.tiny_random(device="cpu")
+    features = [torch.randn(1, 9, 8) for _ in range(2)]
+    assert pipe.bucket_text(features, 6) == (features, None)  # sdpa
+    pipe.transformer.set_attention_backend("sage")
+    assert pipe.bucket_text(features, 6) == (features, None)  # takes no key counts
+    pipe.transformer.set_attention_backend("fa3")
+    padded, counts = pipe.bucket_text(features, 6)
+    assert [f.shape for f in padded] == [torch.Size([1, 64, 8])] * 2 and counts.tolist() == [15]
+    assert torch.equal(padded[0][:, :9], features[0]) and not padded[0][:, 9:].any()
+    empty = [f[:, :0] for f in features]
+    assert pipe.bucket_text(empty, 6) == (empty, None)  # the empty negative prompt keeps its own shape
 
 
 def test_sage_is_dispatched_on_lensrun_layout_and_only_when_asked(monkeypatch):

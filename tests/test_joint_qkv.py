@@ -85,7 +85,8 @@ def test_the_fused_attention_block_equals_the_unfused_one(backend, monkeypatch):
     descales) against the same block unfused through SDPA."""
     import lensrun.models.transformer_lens as model
 
-    def flash(q, k, v, descales=None, dtype=None):
+    def flash(q, k, v, descales=None, dtype=None, counts=None):
+        assert counts is None
         if descales is not None:
             q, k, v = (t.float() * s[:, None, :, None] for t, s in zip((q, k, v), descales, strict=True))
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
@@ -99,7 +100,7 @@ def test_the_fused_attention_block_equals_the_unfused_one(backend, monkeypatch):
     with torch.no_grad():
         reference = attn(x, c, cos, sin, None)
         monkeypatch.setattr(model, "flash", flash)
-        monkeypatch.setattr(LensJointAttention, "_fuses", lambda self, x, mask: True)
+        monkeypatch.setattr(LensJointAttention, "_fuses", lambda self, x, keys: True)
         attn.backend = backend
         fused = attn(x, c, cos, sin, None)
     limit = 0.05 if backend == "fa3" else 0.25  # bf16 roundings / e4m3 q, k, v

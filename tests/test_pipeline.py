@@ -20,6 +20,10 @@ class CountingTransformer(torch.nn.Module):
         self.img_in = inner.img_in
         self.text_lengths = []
 
+    @property
+    def attention_backend(self) -> str:
+        return self.inner.attention_backend
+
     def conditioning(self, timestep):
         return self.inner.conditioning(timestep)
 

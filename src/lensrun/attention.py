@@ -78,19 +78,25 @@ def backend_name(name: str) -> str:
     return name
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """[B, H, L, D] attention through ``backend`` (a mask always goes through SDPA)."""
-    if backend == "sdpa" or mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """[B, H, L, D] attention through ``backend``. ``keys``: None (every key), a bool mask [B, 1, 1, L] (always
+    through SDPA), or how many leading keys count per batch row, int32 [B] (FlashAttention only: text padded to
+    a fixed length, see ``pipeline.LensPipeline.bucket_text``)."""
+    counts = keys is not None and keys.dtype == torch.int32
+    if counts and backend not in FLASH:
+        raise ValueError(f"key counts (padded text) need a FlashAttention backend; {backend} takes exact lengths")
+    if backend == "sdpa" or (keys is not None and not counts):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
     if backend == "sage":
         from sageattention import sageattn
 
         return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    counts = keys if counts else None
     if backend == "fa3":
-        return flash(q, k, v).transpose(1, 2)
+        return flash(q, k, v, counts=counts).transpose(1, 2)
     (q8, qs), (k8, ks), (v8, vs) = (to_fp8(t) for t in (q, k, v))
-    return flash(q8, k8, v8, (qs, ks, vs), q.dtype).transpose(1, 2)
+    return flash(q8, k8, v8, (qs, ks, vs), q.dtype, counts).transpose(1, 2)
 
 
 def flash(
@@ -99,16 +105,19 @@ def flash(
     v: torch.Tensor,
     descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FlashAttention-3 on [B, L, H, D]: half-precision inputs, or e4m3 ones with their descales [B, H] (q, k,
-    v); the output in ``dtype`` (default: the inputs')."""
-    from fa3_fwd_interface import flash_attn_func
+    v); only the first ``counts`` [B] (int32) keys of each row when given (FlashAttention's ``seqused_k``, which
+    its ``flash_attn_func`` does not take, so the op behind it is called); the output in ``dtype`` (default: the
+    inputs')."""
+    from fa3_fwd_interface import _flash_attn_forward
 
-    if descales is None:
-        out = flash_attn_func(q, k, v)
-    else:
-        out = flash_attn_func(q, k, v, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2])
-    out = out[0] if isinstance(out, tuple) else out
+    q_descale, k_descale, v_descale = descales if descales is not None else (None, None, None)
+    out = _flash_attn_forward(
+        q, k, v, seqused_k=counts, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        softmax_scale=q.shape[-1] ** -0.5,
+    )[0]  # fmt: skip
     return out.to(dtype or q.dtype)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lensrun import acceleration, loading
+from lensrun import acceleration, attention, loading
 from lensrun.decoding import decode_tokens, to_pil, use_fast_group_norm
 from lensrun.errors import LensrunError
 from lensrun.memory import Plan
@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # the model classes import diffusers/transformers: loaded wit
 
     from lensrun.models.text_encoder import LensTextEncoder
     from lensrun.models.transformer_lens import LensTransformer2DModel
+
+# Text lengths a FlashAttention run pads to (``LensPipeline.bucket_text``): prompts of 20–150 tokens give two or
+# three shapes to compile and capture instead of one per prompt length.
+TEXT_BUCKET = 64
 
 
 @dataclass
@@ -437,10 +441,13 @@ class LensPipeline:
         sequence = self.parallel is not None and self.parallel.mode == "sequence"
         if self.parallel is not None and not sequence and uncond is not None:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
+        cond, cond_keys = self.bucket_text(cond, latents.shape[1])
+        uncond, uncond_keys = self.bucket_text(uncond, latents.shape[1]) if uncond is not None else (None, None)
         if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
                 sig = upload(torch.tensor(sigmas, dtype=torch.float32), self.device)
-                out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step)
+                keys = [cond_keys, uncond_keys]
+                out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step, keys)
             if out is not None:
                 return out
         if self.graph_steps and self.step_graphs.failed is not None:
@@ -459,16 +466,19 @@ class LensPipeline:
                 step_cond = conditioning.select(i)
                 if uncond is not None and not cache:
                     # Both branches block by block: a block's weights are read (or streamed) once per step.
-                    v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond)
+                    keys = [cond_keys, uncond_keys]
+                    v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond, keys)
                     v = guided_velocity(v.float(), v_u.float(), req.cfg)
                 else:
                     v = self.transformer(
-                        latents, cond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[0]
-                    ).sample
+                        latents, cond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[0],
+                        key_counts=cond_keys,
+                    ).sample  # fmt: skip
                     if uncond is not None:
                         v_u = self.transformer(
-                            latents, uncond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[1]
-                        ).sample
+                            latents, uncond, None, t, img_shapes, step_conditioning=step_cond, block_cache=caches[1],
+                            key_counts=uncond_keys,
+                        ).sample  # fmt: skip
                         v = guided_velocity(v.float(), v_u.float(), req.cfg)
                 latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
                 if on_step is not None:
@@ -477,6 +487,19 @@ class LensPipeline:
             for name in ("skipped", "computed"):
                 stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + sum(getattr(c, name) for c in caches)
         return self.parallel.sequence.unshard(latents) if sequence else latents
+
+    def bucket_text(self, features: list[torch.Tensor], image_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Text features zero-padded to a multiple of ``TEXT_BUCKET`` tokens, and the count of keys that count
+        (image + valid text, int32 [B]) — for a FlashAttention backend on one device, where the count leaves
+        the padding out of the attention (the same image). New prompt lengths then reuse compiled shapes and
+        captured step graphs instead of running the Python step loop. SDPA, a token split and empty text keep
+        their exact lengths (None: every key counts), as does SageAttention (it takes no key counts)."""
+        length = features[0].shape[1]
+        if self.transformer.attention_backend not in attention.FLASH or self.parallel is not None or length == 0:
+            return features, None
+        padded = -(-length // TEXT_BUCKET) * TEXT_BUCKET
+        counts = torch.full((features[0].shape[0],), image_tokens + length, dtype=torch.int32, device=self.device)
+        return [torch.nn.functional.pad(f, (0, 0, 0, padded - length)) for f in features], counts
 
     def _denoise_cfg_parallel(self, latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step):
         """Each rank computes its branch's velocity (the conditional one on the first half of the ranks) exactly

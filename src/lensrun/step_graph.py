@@ -27,9 +27,11 @@ class _Static:
     mods: list[tuple[torch.Tensor, torch.Tensor]]
     sigmas: torch.Tensor
     index: torch.Tensor
+    keys: list[torch.Tensor | None]  # per branch: the count of keys that count (padded text), or None
 
-    def fill(self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor) -> None:
+    def fill(self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, keys) -> None:
         pairs = [(self.latents, latents), (self.temb, conditioning.temb), (self.sigmas, sigmas)]
+        pairs += [(a, b) for a, b in zip(self.keys, keys, strict=True) if a is not None]
         pairs += list(zip(self.cond, cond, strict=True))
         if uncond is not None:
             pairs += list(zip(self.uncond, uncond, strict=True))
@@ -61,25 +63,44 @@ class StepGraphs:
 
     def _step(self, s: _Static, grid: tuple[int, int], cfg: float) -> None:
         i = s.index
-        cond = StepConditioning(s.temb.index_select(0, i), [(a.index_select(0, i), b.index_select(0, i)) for a, b in s.mods])
+        cond = StepConditioning(
+            s.temb.index_select(0, i), [(a.index_select(0, i), b.index_select(0, i)) for a, b in s.mods]
+        )
         shapes = [(1, *grid)]
-        v = self.transformer(s.latents, s.cond, None, None, shapes, step_conditioning=cond).sample
+        v = self.transformer(s.latents, s.cond, None, None, shapes, step_conditioning=cond, key_counts=s.keys[0]).sample
         if s.uncond is not None:
-            v_u = self.transformer(s.latents, s.uncond, None, None, shapes, step_conditioning=cond).sample
+            v_u = self.transformer(
+                s.latents, s.uncond, None, None, shapes, step_conditioning=cond, key_counts=s.keys[1]
+            ).sample
             v = guided_velocity(v.float(), v_u.float(), cfg)
         s.latents.copy_(euler_step(s.latents, v, s.sigmas.index_select(0, i), s.sigmas.index_select(0, i + 1)))
 
-    def run(self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, grid, cfg, on_step=None):
+    def run(
+        self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, grid, cfg, on_step=None,
+        keys: list[torch.Tensor | None] | None = None,
+    ):  # fmt: skip
         """Every step of one image; returns the final latents, or None when the caller should run its Python
         loop: the first time a shape is seen (a capture pays off only when the shape comes back: more images of
-        the prompt, a gallery, a server) or when this model cannot be captured (the reason in ``self.failed``)."""
+        the prompt, a gallery, a server) or when this model cannot be captured (the reason in ``self.failed``).
+        ``keys``: each branch's count of keys that count when its text is padded (``LensPipeline.bucket_text``)."""
         steps = sigmas.numel() - 1
-        key = (tuple(latents.shape), tuple(cond[0].shape), None if uncond is None else tuple(uncond[0].shape), grid, cfg, steps)
-        entry = self.graphs.get(key, lambda pool: self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg, pool))
+        keys = keys or [None, None]
+        counted = tuple(k is not None for k in keys)
+        key = (
+            tuple(latents.shape),
+            tuple(cond[0].shape),
+            None if uncond is None else tuple(uncond[0].shape),
+            grid,
+            cfg,
+            steps,
+            counted,
+        )
+        build = lambda pool: self._capture(latents, cond, uncond, conditioning, sigmas, grid, cfg, keys, pool)
+        entry = self.graphs.get(key, build)
         if entry is None:
             return None
         graph, static = entry
-        static.fill(latents, cond, uncond, conditioning, sigmas)
+        static.fill(latents, cond, uncond, conditioning, sigmas, keys)
         for i in range(steps):
             static.index.fill_(i)
             graph.replay()
@@ -87,12 +108,12 @@ class StepGraphs:
                 on_step(i + 1, steps)
         return static.latents.clone()
 
-    def _capture(self, latents, cond, uncond, conditioning, sigmas, grid, cfg, pool):
+    def _capture(self, latents, cond, uncond, conditioning, sigmas, grid, cfg, keys, pool):
         clone = lambda ts: [t.clone() for t in ts]
         static = _Static(
             latents.clone(), clone(cond), None if uncond is None else clone(uncond), conditioning.temb.clone(),
             [(a.clone(), b.clone()) for a, b in conditioning.mods], sigmas.clone(),
-            torch.zeros(1, dtype=torch.long, device=latents.device),
+            torch.zeros(1, dtype=torch.long, device=latents.device), [None if k is None else k.clone() for k in keys],
         )  # fmt: skip
         graph, _ = capture(lambda: self._step(static, grid, cfg), pool)  # the step writes static.latents
         return graph, static

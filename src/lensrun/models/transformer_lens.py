@@ -5,7 +5,8 @@ loads the published weights. Two attention paths share one set of weights:
 
 * masked: padded text keys get a boolean mask in every block (upstream semantics);
 * mask-free: the caller passes text cut to its valid tokens and no mask, so flash/cuDNN kernels apply.
-  Both give the same image output (LENS_SPEC §11).
+  Both give the same image output (LENS_SPEC §11). With FlashAttention the text may instead be padded to a fixed
+  length with the count of valid keys (``key_counts``): the same output, and fewer shapes to compile and capture.
 """
 
 from __future__ import annotations
@@ -127,23 +128,24 @@ class LensJointAttention(nn.Module):
         c: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        keys: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys``: which keys count — None (all), a bool mask, or counts of leading keys (``attention.attend``)."""
         n = x.shape[1]
-        if self._fuses(x, mask):
-            return self._fused(x, c, cos, sin)
+        if self._fuses(x, keys):
+            return self._fused(x, c, cos, sin, keys)
         q, k, v = self.joint_inputs(self.img_qkv(x), self.txt_qkv(c), cos, sin)
         if self.sequence is not None:
             return self._sequence_parallel(q, k, v, n)
-        return self._project(attend(q, k, v, mask, self.backend).transpose(1, 2).flatten(2), n)
+        return self._project(attend(q, k, v, keys, self.backend).transpose(1, 2).flatten(2), n)
 
-    def _fuses(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    def _fuses(self, x: torch.Tensor, keys: torch.Tensor | None) -> bool:
         """Whether this call takes ``_fused``: FlashAttention without a mask or a token split, on a GPU, with
         norm weights in the activations' half-precision dtype (the kernel rounds as the eager path does)."""
         return (
             self.fused_inputs
             and self.backend in FLASH
-            and mask is None
+            and (keys is None or keys.dtype == torch.int32)
             and self.sequence is None
             and x.is_cuda
             and self.norm_q.weight.dtype == x.dtype
@@ -151,7 +153,7 @@ class LensJointAttention(nn.Module):
         )
 
     def _fused(
-        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, counts: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The eager path's attention with q/k norms, RoPE, the [image; text] concatenation and (fa3-fp8) q/k's
         quantization in one Triton pass (``lensrun.joint_qkv``), straight into FlashAttention's layout."""
@@ -164,9 +166,9 @@ class LensJointAttention(nn.Module):
         )
         if fp8:
             v8, v_scale = to_fp8(v, v_amax)
-            out = flash(qk[0], qk[1], v8, (descale[0], descale[1], v_scale), x.dtype)
+            out = flash(qk[0], qk[1], v8, (descale[0], descale[1], v_scale), x.dtype, counts)
         else:
-            out = flash(qk[0], qk[1], v)
+            out = flash(qk[0], qk[1], v, counts=counts)
         return self._project(out.flatten(2), n)
 
     def _sequence_parallel(self, q, k, v, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,13 +211,13 @@ class LensTransformerBlock(nn.Module):
         mod: tuple[torch.Tensor, torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        keys: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod[0].chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod[1].chunk(6, dim=-1)
         xa = self.img_norm1(x) * (1 + i_scale1) + i_shift1
         ca = self.txt_norm1(c) * (1 + t_scale1) + t_shift1
-        attn_x, attn_c = self.attn(xa, ca, cos, sin, mask)
+        attn_x, attn_c = self.attn(xa, ca, cos, sin, keys)
         x = x + i_gate1 * attn_x
         c = c + t_gate1 * attn_c
         x = x + i_gate2 * self.img_mlp(self.img_norm2(x) * (1 + i_scale2) + i_shift2)
@@ -419,8 +421,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
             for t, dim in ((x, 1), (c, 1), (cos, 0), (sin, 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
-    def _block(self, i: int, x, c, cond: StepConditioning, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, mask)
+    def _block(self, i: int, x, c, cond: StepConditioning, cos, sin, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transformer_blocks[i](x, c, cond.mods[i], cos, sin, keys)
 
     def forward_branches(
         self,
@@ -429,10 +431,12 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         timestep: torch.Tensor,
         img_shapes: list[tuple[int, int, int]],
         step_conditioning: StepConditioning | None = None,
+        key_counts: list[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor]:
         """Mask-free velocities for several text conditions of the same latents, block by block: each block's
         weights are used for every branch before the next block's (weights that travel per block, as under a
-        streaming plan, travel once per step). Same arithmetic as one ``forward`` per branch."""
+        streaming plan, travel once per step). Same arithmetic as one ``forward`` per branch; ``key_counts``: a
+        branch's ``forward`` argument of that name."""
         _, gh, gw = (int(v) for v in img_shapes[0])
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
         dtype = self.img_in.weight.dtype
@@ -441,8 +445,12 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         ropes = [self.rope((gh, gw), c.shape[1], x0.device) for _, c in states]
         for (x, c), (cos, sin) in zip(states, ropes, strict=True):
             self._symbolic_tokens(x, c, cos, sin)
+        counts = key_counts or [None] * len(branches)
         for i, block in enumerate(self.transformer_blocks):
-            states = [block(x, c, cond.mods[i], cos, sin, None) for (x, c), (cos, sin) in zip(states, ropes, strict=True)]
+            states = [
+                block(x, c, cond.mods[i], cos, sin, keys)
+                for (x, c), (cos, sin), keys in zip(states, ropes, counts, strict=True)
+            ]
         return [self.proj_out(self.norm_out(x, cond.temb)) for x, _ in states]
 
     def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -460,12 +468,15 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         return_dict: bool = True,
         step_conditioning: StepConditioning | None = None,
         block_cache: FirstBlockCache | None = None,
+        key_counts: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Velocity for packed latents. ``timestep`` is sigma in [0, 1].
 
         ``encoder_hidden_states_mask`` [B, S] (bool, True = valid) masks padded text keys in every block;
         pass None when every text token is valid (the fast path). ``step_conditioning`` (from
         ``conditioning``) skips recomputing the modulation; ``block_cache`` may skip blocks 1… (opt-in).
+        ``key_counts`` [B] int32 (FlashAttention backends): the text is padded to a fixed length and only the
+        first ``key_counts`` keys (image + valid text) count — the unpadded result, with fewer distinct shapes.
         """
         shape = img_shapes[0] if isinstance(img_shapes[0], (list, tuple)) else img_shapes
         _, gh, gw = (int(v) for v in shape)
@@ -477,21 +488,21 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         c = self.embed_text(encoder_hidden_states)
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
         cos, sin = self.rope((gh, gw), c.shape[1], x.device)
-        mask = None
+        keys = key_counts
         if encoder_hidden_states_mask is not None:
-            keys = torch.cat(
+            valid = torch.cat(
                 [torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device), encoder_hidden_states_mask.bool()],
                 dim=1,
             )
-            mask = keys[:, None, None, :]
+            keys = valid[:, None, None, :]
         self._symbolic_tokens(x, c, cos, sin)
-        x, c = self._block(0, x, c, cond, cos, sin, mask)
+        x, c = self._block(0, x, c, cond, cos, sin, keys)
         if block_cache is not None and block_cache.can_skip(x):
             x = block_cache.skip(x)
         else:
             first = x
             for i in range(1, len(self.transformer_blocks)):
-                x, c = self._block(i, x, c, cond, cos, sin, mask)
+                x, c = self._block(i, x, c, cond, cos, sin, keys)
             if block_cache is not None:
                 block_cache.store(first, x)
         out = self.proj_out(self.norm_out(x, cond.temb))
