@@ -49,7 +49,16 @@ def main() -> None:
     ap.add_argument("--skip-attention-table", action="store_true")
     ap.add_argument("--attention", default="sdpa", help="the DiT's attention backend (lensrun.attention.BACKENDS)")
     ap.add_argument("--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="Inductor's Triton GEMM templates beside cuBLAS, chosen by timing, with the elementwise work "
+                         "after a GEMM fused into it (the first call pays the tuning)")  # fmt: skip
     args = ap.parse_args()
+    if args.max_autotune:  # the experiment behind docs/performance.md's "replacing cuBLAS": what fusing into the
+        # GEMMs saves per forward, and what the tuning costs the first call
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune_gemm = True
+        inductor_config.max_autotune_gemm_backends = "TRITON,ATEN"
     ensure_checkpoint(args.root, device="cuda")
     report = {"gpu": torch.cuda.get_device_name(0), "attention": [] if args.skip_attention_table else attention_table(),
               "forward": {}}  # fmt: skip
@@ -63,6 +72,7 @@ def main() -> None:
 def profile_forward(root: Path, precision: str, attention: str, fused: bool, report: dict) -> None:
     """First-call (compile) time, graphs compiled, steady forward time and top kernels, at each grid."""
     from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
 
     pipe = LensPipeline.from_pretrained(root, dtype=torch.bfloat16, device="cuda").optimize(True, precision)
     pipe.transformer.set_attention_backend(attention)
@@ -70,7 +80,8 @@ def profile_forward(root: Path, precision: str, attention: str, fused: bool, rep
     text = [torch.randn(1, TEXT, 2880, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     t = torch.tensor([0.5], device="cuda", dtype=torch.bfloat16)
     for grid, (gh, gw) in GRIDS.items():
-        name = f"{precision} {attention}{' one-pass inputs' if fused and attention != 'sdpa' else ''} {grid}"
+        tuned = " max-autotune" if inductor_config.max_autotune_gemm else ""
+        name = f"{precision} {attention}{' one-pass inputs' if fused and attention != 'sdpa' else ''}{tuned} {grid}"
         x = torch.randn(1, gh * gw, 128, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode(), attention_kernels(torch.device("cuda")):
             cond = pipe.transformer.conditioning(t)
