@@ -3,6 +3,7 @@ get a graph (``GraphCache``)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -32,28 +33,29 @@ E = TypeVar("E")
 
 
 class GraphCache(Generic[E]):
-    """Captured graphs by shape key. A key gets a graph the second time it is seen (a capture costs a few
-    runs, so only shapes that recur pay for one); at most ``limit`` are kept, oldest dropped (each holds its
-    static inputs); all share one memory pool (they never run at once); after a failed capture (an op that
-    syncs with the host, a kernel that refuses capture) none is tried again until ``reset``, with the reason
-    in ``failed``. Every graph holds the weights' addresses: reset whenever weights move or change."""
+    """Captured graphs by shape key. A key gets a graph the ``sightings``-th time it is seen (default 2: a
+    capture costs a few runs, so only shapes that recur pay for one); at most ``limit`` are kept, oldest dropped
+    (each holds its static inputs); all share one memory pool (they never run at once); after a failed capture
+    (an op that syncs with the host, a kernel that refuses capture) none is tried again until ``reset``, with the
+    reason in ``failed``. Every graph holds the weights' addresses: reset whenever weights move or change."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, sightings: int = 2) -> None:
         self.limit = limit
+        self.sightings = sightings
         self.entries: dict[Hashable, E] = {}
-        self.seen: set[Hashable] = set()
+        self.seen: Counter[Hashable] = Counter()
         self.pool = None
         self.failed: str | None = None
 
     def get(self, key: Hashable, build: Callable[[object], E]) -> E | None:
-        """The graph entry for ``key``, captured now by ``build(pool)`` on its second sighting; None when the
-        caller should run eagerly (first sighting, or captures failed)."""
+        """The graph entry for ``key``, captured now by ``build(pool)`` on its ``sightings``-th sighting; None
+        when the caller should run eagerly (seen too few times, or captures failed)."""
         if self.failed is not None:
             return None
         if key in self.entries:
             return self.entries[key]
-        if key not in self.seen:
-            self.seen.add(key)
+        self.seen[key] += 1
+        if self.seen[key] < self.sightings:
             return None
         while self.limit is not None and len(self.entries) >= self.limit:
             self.entries.pop(next(iter(self.entries)))

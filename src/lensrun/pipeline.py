@@ -431,7 +431,8 @@ class LensPipeline:
     ) -> torch.Tensor:
         """Euler flow-matching from noise to clean latent tokens; CFG only when ``uncond`` is given.
 
-        Each branch runs mask-free at its own text length; the timestep embedding and all blocks' modulation
+        Each branch runs mask-free at its own text length (with FlashAttention padded to a bucket whose padding the
+        attention leaves out, ``bucket_text``); the timestep embedding and all blocks' modulation
         are computed for every step before the loop; nothing in the loop waits for the GPU.
         """
         img_shapes = [(1, *req.grid)]
