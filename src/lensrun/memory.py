@@ -11,7 +11,9 @@ raw JSON in docs/measurements/): DiT forward, batch 1, mask-free: 0.19 GiB at 42
 at once, plus the decode's index temporaries ≈ 10× the layer's packed experts); VAE decode: 2.38 GiB at 1024²,
 4.78 GiB at 1088×1936 (≈ 2.3 KiB/pixel), tiled: 2.38 GiB at any size. With lensrun's GroupNorm in the decoder
 (``decoding.group_norm``; benchmarks/decode.py, 2026-11-29, H200): 1.74 GiB at 1024², 3.26 GiB at 1088×1936; the
-planner takes the larger per-pixel rate (1024²'s) and keeps the tiled cap measured before (not re-measured).
+planner takes the larger per-pixel rate (1024²'s). Tiled, the decoder runs 1024² tiles (the VAE's sample_size),
+which is why the tiled cap measured before equalled the full 1024² decode (2.386 against 2.38 GiB); it is now that
+decode's 1.74 GiB (derived so, not re-measured tiled).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ENCODER_FIXED = 0.05 * GIB  # attention scores, hidden states, captured features
 # above the weights at 128–512 tokens, CUDA graph pool included (2026-11-26, H200, benchmarks/encoder.py).
 ENCODER_FUSED_EXTRA = 0.30 * GIB
 VAE_BYTES_PER_PIXEL = 1.737 * GIB / 1048576
-VAE_TILED_CAP = 2.386 * GIB
+VAE_TILED_CAP = 1.737 * GIB
 SAFETY = 1.08  # allocator fragmentation and what the model above does not see
 # Relative DiT speed per precision, measured with the compiled path on the H100 (bf16 1.0; fp8 dynamic 1.39×
 # slower at 1024²); weight-only modes are dequantized per matmul and slower still (LENS_SPEC §12).
