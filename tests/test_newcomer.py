@@ -381,9 +381,9 @@ def test_ctrl_c_on_a_real_gallery_process_keeps_finished_work(tmp_path):
     gallery = tmp_path / "g.txt"
     gallery.write_text("".join(f"image {i}\n" for i in range(12)))
     out = tmp_path / "g"
-    argv = [sys.executable, "-m", "lensrun", "gallery", str(gallery), "--out", str(out), "--model", "tiny-random",
+    args = ["gallery", str(gallery), "--out", str(out), "--model", "tiny-random",
             "--height", "32", "--width", "32", "--steps", "60"]  # fmt: skip
-    proc = _interruptible(argv[3:])
+    proc = _interruptible(args)
     deadline = time.time() + 120
     while not list(out.glob("*.png")):
         assert proc.poll() is None and time.time() < deadline
@@ -393,7 +393,8 @@ def test_ctrl_c_on_a_real_gallery_process_keeps_finished_work(tmp_path):
     assert "interrupted; images finished so far are in" in output and "Run the same command again to resume" in output
     kept = {p.name for p in out.glob("*.png")}
     assert kept and not list(out.rglob("*.tmp"))
-    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    rerun = subprocess.run([sys.executable, "-m", "lensrun", *args], capture_output=True, text=True, timeout=300,
+                           check=False)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipped {len(kept)}" in rerun.stdout and len(list(out.glob("*.png"))) == 12
     assert "decoding" in rerun.stderr  # progress shows the decode phase too

@@ -82,21 +82,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor
     """[B, H, L, D] attention through ``backend``. ``keys``: None (every key), a bool mask [B, 1, 1, L] (always
     through SDPA), or how many leading keys count per batch row, int32 [B] (FlashAttention only: text padded to
     a fixed length, see ``pipeline.LensPipeline.bucket_text``)."""
-    counts = keys is not None and keys.dtype == torch.int32
-    if counts and backend not in FLASH:
+    counts = keys if is_counts(keys) else None
+    if counts is not None and backend not in FLASH:
         raise ValueError(f"key counts (padded text) need a FlashAttention backend; {backend} takes exact lengths")
-    if backend == "sdpa" or (keys is not None and not counts):
+    if backend == "sdpa" or (keys is not None and counts is None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
     if backend == "sage":
         from sageattention import sageattn
 
         return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    counts = keys if counts else None
     if backend == "fa3":
         return flash(q, k, v, counts=counts).transpose(1, 2)
     (q8, qs), (k8, ks), (v8, vs) = (to_fp8(t) for t in (q, k, v))
     return flash(q8, k8, v8, (qs, ks, vs), q.dtype, counts).transpose(1, 2)
+
+
+def is_counts(keys: torch.Tensor | None) -> bool:
+    """Whether ``attend``'s ``keys`` are counts of leading keys (int32 [B]) rather than None or a bool mask."""
+    return keys is not None and keys.dtype == torch.int32
 
 
 def flash(

@@ -444,10 +444,10 @@ class LensPipeline:
             return self._denoise_cfg_parallel(latents, cond, uncond, req, sigmas, timesteps, conditioning, on_step)
         cond, cond_keys = self.bucket_text(cond, latents.shape[1])
         uncond, uncond_keys = self.bucket_text(uncond, latents.shape[1]) if uncond is not None else (None, None)
+        keys = [cond_keys, uncond_keys]
         if self.graph_steps and not req.cache and not sequence:
             with acceleration.attention_kernels(self.device):
                 sig = upload(torch.tensor(sigmas, dtype=torch.float32), self.device)
-                keys = [cond_keys, uncond_keys]
                 out = self.step_graphs.run(latents, cond, uncond, conditioning, sig, req.grid, req.cfg, on_step, keys)
             if out is not None:
                 return out
@@ -467,7 +467,6 @@ class LensPipeline:
                 step_cond = conditioning.select(i)
                 if uncond is not None and not cache:
                     # Both branches block by block: a block's weights are read (or streamed) once per step.
-                    keys = [cond_keys, uncond_keys]
                     v, v_u = self.transformer.forward_branches(latents, [cond, uncond], t, img_shapes, step_cond, keys)
                     v = guided_velocity(v.float(), v_u.float(), req.cfg)
                 else:

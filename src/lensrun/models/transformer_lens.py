@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from torch import nn
 
-from lensrun.attention import FLASH, attend, backend_name, flash, to_fp8
+from lensrun.attention import FLASH, attend, backend_name, flash, is_counts, to_fp8
 
 ROPE_THETA = 10000.0
 
@@ -145,7 +145,7 @@ class LensJointAttention(nn.Module):
         return (
             self.fused_inputs
             and self.backend in FLASH
-            and (keys is None or keys.dtype == torch.int32)
+            and (keys is None or is_counts(keys))
             and self.sequence is None
             and x.is_cuda
             and self.norm_q.weight.dtype == x.dtype
