@@ -351,3 +351,30 @@ def test_the_decoder_runs_lensruns_group_norm_on_the_gpu(gpu_pipe, monkeypatch):
     with torch.inference_mode():
         torchs = gpu_pipe.vae.decode(z).sample.float()
     torch.testing.assert_close(ours, torchs, atol=3e-2, rtol=3e-2)
+
+
+def test_an_images_reported_peak_counts_its_encoding(gpu_pipe, monkeypatch):
+    """A phased plan's peak is often the encoder's (GPT-OSS on the GPU alone); the engine resets the peak per
+    size group, and the report must still count the encoding the image needed."""
+    import contextlib
+    import time
+
+    inner = gpu_pipe.encoding_phase
+
+    @contextlib.contextmanager
+    def heavy_encoding(prompts):
+        with inner(prompts):
+            weight = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # stands in for the encoder
+            yield
+            del weight
+
+    monkeypatch.setattr(gpu_pipe, "encoding_phase", heavy_encoding)
+    gpu_pipe.prompt_cache._memory.clear()
+    engine = _engine(gpu_pipe)
+    request = engine.request(prompt=f"a heron in fog {time.time()}", seed=5, height=64, width=96, steps=2)  # not cached
+    try:
+        [result] = engine.run([Task(request)], plans=[Plan(placement="phased")])
+    finally:
+        gpu_pipe.apply_plan(Plan())
+    assert result.error is None and result.report["plan"].startswith("phased")
+    assert result.report["peak_allocated_gib"] >= 0.5

@@ -559,6 +559,7 @@ class _Run:
         self.latents: dict[int, torch.Tensor] = {}
         self.marks: dict[int, dict[str, tuple[Mark, Mark]]] = {}  # per image: phase → (start, end)
         self.encoding: tuple[Mark, Mark] | None = None
+        self.encode_peak = (0, 0)  # bytes allocated / reserved at most while encoding (CUDA)
         self.writes: list[Future] = []
         self.writes_checked = 0  # writes before this index are done and checked (one writer: they finish in order)
 
@@ -633,8 +634,13 @@ class _Run:
             self.conditions[id(r)] = (features[:k], features[k:] if r.task.request.cfg != 1.0 else None)
 
         encoding = self.pipe.encoding_phase if group is None or group.leader else lambda texts: contextlib.nullcontext()
+        cuda = self.pipe.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.pipe.device)
         self.each(lambda: encoding(texts), self.results, work)
         self.encoding = (start, Mark(self.pipe.device))
+        if cuda:  # each size group's denoise resets the peak; an image's peak still counts the encoding it needed
+            self.encode_peak = (torch.cuda.max_memory_allocated(self.pipe.device), torch.cuda.max_memory_reserved(self.pipe.device))
 
     def denoise(self, group: list[Result], step: Callable[[int, int], None]) -> None:
         def work(r: Result) -> None:
@@ -675,8 +681,10 @@ class _Run:
             r.report.update(plan=self.pipe.plan.name, compiled=self.pipe.compiled)
             r.report.setdefault("fallbacks", [])
             if self.pipe.device.type == "cuda":
-                r.report["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.device) / 2**30, 3)
-                r.report["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.pipe.device) / 2**30, 3)
+                allocated = max(self.encode_peak[0], torch.cuda.max_memory_allocated(self.pipe.device))
+                reserved = max(self.encode_peak[1], torch.cuda.max_memory_reserved(self.pipe.device))
+                r.report["peak_allocated_gib"] = round(allocated / 2**30, 3)
+                r.report["peak_reserved_gib"] = round(reserved / 2**30, 3)
             self.previous_write()
             self.writes.append(self.engine.writer().submit(self.finish, r, pixels))
             self.engine.queued(end)
