@@ -81,19 +81,19 @@ def main() -> None:
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
     # The first image of a shape not seen before (compiled code warm): the Python loop (a graph on the second
-    # sighting, today's rule) against capturing at once and replaying every step (GraphCache(sightings=1)).
+    # sighting, bf16's rule) against capturing at once and replaying every step (quantized DiTs' rule).
     turbo_req = GenerationRequest.build(prompt=PROMPT, seed=7, base_resolution=1024, aspect_ratio="1:1", steps=4,
                                         cfg=1.0)  # fmt: skip
     report["new_shape"] = []
     for name, r, uncond in (("Lens 1024²", req, empty), ("Turbo 1024²", turbo_req, None)):
         for sightings in (2, 1):
-            pipe.step_graphs.reset()
+            pipe.step_graphs.reset(pipe.precision)
             pipe.step_graphs.graphs.sightings = sightings
             first_s, _ = timed(lambda r=r, uncond=uncond: pipe.denoise(noise, cond, uncond, r), 1)
             row = {"case": name, "sightings": sightings, "first_image_denoise_s": first_s}
             report["new_shape"].append(row)
             print(json.dumps(row), flush=True)
-    pipe.step_graphs.graphs.sightings = 2
+    pipe.step_graphs.reset(pipe.precision)
     diff = (latents[True].float() - latents[False].float()).abs().max().item()
     report["max_latent_diff"] = diff
     report["total_s"] = time.perf_counter() - t0

@@ -44,3 +44,19 @@ def test_a_failed_capture_stops_captures_until_reset():
     assert cache.get("b", _builder(built)) is None and built == []
     cache.reset()
     assert cache.failed is None and cache.get("b", _builder(built)) == "graph 1"
+
+
+@pytest.mark.parametrize(("precision", "first_capture"), [("bf16", 2), ("fp8", 1), ("int8-weight", 1)])
+def test_a_quantized_dit_captures_a_shapes_step_on_its_first_sighting(precision, first_capture):
+    """bf16's compiled loop is close to its replays, a quantized DiT's is launch-bound: the pipeline's graphs
+    follow its precision whenever they are reset."""
+    from lensrun import LensPipeline
+
+    pipe = LensPipeline.tiny_random()
+    pipe.precision = precision  # what quantizing sets (torchao needs a GPU)
+    pipe._reset_graphs()
+    built: list = []
+    for sighting in range(1, first_capture + 1):
+        got = pipe.step_graphs.graphs.get("1024² bucket 128", _builder(built))
+        assert (got is not None) == (sighting == first_capture)
+    assert len(built) == 1
