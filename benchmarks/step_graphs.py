@@ -9,7 +9,8 @@ guards of a second precision would slow the first's blocks):
 The Python loop is what every image of a shape not seen before runs (a new text bucket included), so its
 time with and without the one-pass attention inputs (``--unfused``) is the user's, not only the replays'; the
 ``new_shape`` rows compare that loop with capturing the step at once (``GraphCache(sightings=1)``) for Lens and
-Turbo — whether the first image of a shape should capture (fp8's loop took 2.4 s against 1.1 s replayed).
+Turbo — whether the first image of a shape should capture (fp8's loop took 2.4 s against 1.1 s replayed). Last,
+one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph).
 """
 
 from __future__ import annotations
@@ -38,6 +39,32 @@ def timed(fn, repeats: int) -> tuple[float, object]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def replay_profile(denoise, steps: int) -> dict:
+    """One denoise replayed from its step graphs under the profiler: the GPU's time in kernels against the wall
+    time per step. What is left is idle time between kernels inside the graphs (a dependent kernel's launch and
+    its predecessor's tail), which only fewer kernels can remove."""
+    denoise()  # the shape's graph exists; this makes sure nothing is captured under the profiler
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        denoise()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time_total for e in kernels) / 1000
+    ranked = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:12]
+    out = {"wall_ms_per_step": wall * 1000 / steps, "kernel_ms_per_step": busy_ms / steps,
+           "kernels_per_step": len(kernels) / steps,
+           "top": [{"kernel": e.key[:100], "ms_per_step": e.device_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+                   for e in ranked]}  # fmt: skip
+    idle = out["wall_ms_per_step"] - out["kernel_ms_per_step"]
+    print(f"replayed step: {out['wall_ms_per_step']:.2f} ms wall, {out['kernel_ms_per_step']:.2f} ms in "
+          f"{out['kernels_per_step']:.0f} kernels, {idle:.2f} ms idle ({1000 * idle / out['kernels_per_step']:.2f} µs per kernel)", flush=True)  # fmt: skip
+    for row in out["top"]:
+        print(f"  {row['ms_per_step']:7.2f} ms  x{row['calls_per_step']:<5.0f} {row['kernel']}")
+    return out
 
 
 def main() -> None:
@@ -93,6 +120,8 @@ def main() -> None:
             row = {"case": name, "sightings": sightings, "first_image_denoise_s": first_s}
             report["new_shape"].append(row)
             print(json.dumps(row), flush=True)
+    pipe.graph_steps = True
+    report["replay_profile"] = replay_profile(lambda: pipe.denoise(noise, cond, empty, req), req.steps)
     pipe.step_graphs.reset(pipe.precision)
     diff = (latents[True].float() - latents[False].float()).abs().max().item()
     report["max_latent_diff"] = diff
