@@ -149,11 +149,12 @@ def main() -> None:
             n = r.grid[0] * r.grid[1]
             flops = r.steps * (forward_flops(n, text_len) + (forward_flops(n, 0) if r.cfg != 1.0 else 0))
             med = statistics.median(times)
-            e2e, cached, first_new, timings = [], [], [None], {}
+            e2e, cached, first_new, timings, first_phases = [], [], [None], {}, {}
             if mode not in ("baseline", "fast-eager"):
                 # End to end with prompts the cache has not seen (encode + denoise + decode), then a cached one.
                 # The first new prompt is timed apart: a recompilation for a new text length would show there.
-                first_new, _ = timed(lambda: p(f"{PROMPT}, new {time.perf_counter()}", seed=7, cache=r.cache, **cases_kw[case]), 1)
+                first_new, first_out = timed(lambda: p(f"{PROMPT}, new {time.perf_counter()}", seed=7, cache=r.cache, **cases_kw[case]), 1)
+                first_phases = {**first_out.timings, "text_tokens": p.encode_one(f"{PROMPT}, new 0.0")[0].shape[1]}
                 e2e, _ = timed(lambda: p(f"{PROMPT} #{time.perf_counter()}", seed=7, cache=r.cache, **cases_kw[case]), 2)
                 cached, out = timed(lambda: p(PROMPT, seed=7, cache=r.cache, **cases_kw[case]), 2)
                 timings = out.timings
@@ -166,7 +167,7 @@ def main() -> None:
                 "mode": mode, "case": case, "attention": p.transformer.attention_backend,
                 "fused_inputs": mode != "baseline" and p.transformer.attention_backend in attention.FLASH and not args.unfused, "denoise_s": med, "denoise_all_s": times, "denoise_new_shape_s": new_shape and new_shape[0], "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
-                "e2e_first_new_prompt_s": first_new[0], "e2e_s": statistics.median(e2e) if e2e else None,
+                "e2e_first_new_prompt_s": first_new[0], "e2e_first_new_prompt_phases": first_phases, "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,
                 "encode_cached_s": timings.get("encode"), "decode_s": timings.get("decode"),
                 "psnr_vs_baseline_db": psnr(image, reference_images[case]) if case in reference_images else None,
