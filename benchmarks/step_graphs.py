@@ -10,7 +10,8 @@ The Python loop is what every image of a shape not seen before runs (a new text 
 time with and without the one-pass attention inputs (``--unfused``) is the user's, not only the replays'; the
 ``new_shape`` rows compare that loop with capturing the step at once (``GraphCache(sightings=1)``) for Lens and
 Turbo — whether the first image of a shape should capture (fp8's loop took 2.4 s against 1.1 s replayed). Last,
-one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph).
+one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph);
+``--batch-branches``: the same with both CFG branches as one batch of 2 in the step graph.
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def replay_profile(denoise, steps: int) -> dict:
     return out
 
 
+def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
+    """Replayed 1024² denoise with the CFG branches as two forwards, then as one batch of 2 (its first capture
+    compiles the blocks for a batch of 2): median of 3, the replay profile, the largest latent difference."""
+    rows, latents = [], {}
+    for batched in (False, True):
+        pipe.step_graphs.batch_branches = batched
+        pipe.step_graphs.reset(pipe.precision)
+        warm, _ = timed(denoise, 1)
+        timed(denoise, 1)  # captured by now under either sighting rule
+        med, latents[batched] = timed(denoise, 3)
+        rows.append({"batched": batched, "first_s": warm, "denoise_s": med, "profile": replay_profile(denoise, steps)})
+        print(f"CFG branches {'as one batch of 2' if batched else 'as two forwards'}: {med:.3f} s (first {warm:.1f} s)", flush=True)
+    rows[1]["max_latent_diff"] = (latents[True].float() - latents[False].float()).abs().max().item()
+    pipe.step_graphs.batch_branches = False
+    pipe.step_graphs.reset(pipe.precision)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/lens-full")
@@ -76,6 +95,8 @@ def main() -> None:
     ap.add_argument(
         "--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv"
     )
+    ap.add_argument("--batch-branches", action="store_true",
+                    help="also the step graph with both CFG branches as one batch of 2 (StepGraphs.batch_branches)")
     args = ap.parse_args()
     root = Path(args.root)
     ensure_checkpoint(root, device="cuda")
@@ -122,6 +143,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     pipe.graph_steps = True
     report["replay_profile"] = replay_profile(lambda: pipe.denoise(noise, cond, empty, req), req.steps)
+    if args.batch_branches:
+        report["batch_branches"] = batch_branches(pipe, lambda: pipe.denoise(noise, cond, empty, req), req.steps)
     pipe.step_graphs.reset(pipe.precision)
     diff = (latents[True].float() - latents[False].float()).abs().max().item()
     report["max_latent_diff"] = diff

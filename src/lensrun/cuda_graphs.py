@@ -13,11 +13,10 @@ T = TypeVar("T")
 
 
 def capture(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
-    """Run ``fn`` once on a side stream (cuBLAS/cuDNN plans and workspaces stay out of the graph; a shape gets
-    its graph on its second sighting, so its code is compiled already), then capture one call drawing on
-    ``pool``; returns the graph and that call's (static) outputs. The capture forbids unsafe CUDA calls on this
-    thread only: the PNG writer waits on CUDA events, and a server's other replicas keep running their GPUs,
-    while a new shape is captured."""
+    """Run ``fn`` once on a side stream (cuBLAS/cuDNN plans, workspaces and any compilation a new shape needs
+    stay out of the graph), then capture one call drawing on ``pool``; returns the graph and that call's
+    (static) outputs. The capture forbids unsafe CUDA calls on this thread only: the PNG writer waits on CUDA
+    events, and a server's other replicas keep running their GPUs, while a new shape is captured."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
