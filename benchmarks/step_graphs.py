@@ -11,7 +11,7 @@ time with and without the one-pass attention inputs (``--unfused``) is the user'
 ``new_shape`` rows compare that loop with capturing the step at once (``GraphCache(sightings=1)``) for Lens and
 Turbo — whether the first image of a shape should capture (fp8's loop took 2.4 s against 1.1 s replayed). Last,
 one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph);
-``--batch-branches``: the same with both CFG branches as one batch of 2 in the step graph.
+``--batch-branches``: the same with both CFG branches as one batch of 2 (``LensTransformer.batch_branches``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
     compiles the blocks for a batch of 2): median of 3, the replay profile, the largest latent difference."""
     rows, latents = [], {}
     for batched in (False, True):
-        pipe.step_graphs.batch_branches = batched
+        pipe.transformer.batch_branches = batched
         pipe.step_graphs.reset(pipe.precision)
         warm, _ = timed(denoise, 1)
         timed(denoise, 1)  # captured by now under either sighting rule
@@ -81,7 +81,7 @@ def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
         rows.append({"batched": batched, "first_s": warm, "denoise_s": med, "profile": replay_profile(denoise, steps)})
         print(f"CFG branches {'as one batch of 2' if batched else 'as two forwards'}: {med:.3f} s (first {warm:.1f} s)", flush=True)
     rows[1]["max_latent_diff"] = (latents[True].float() - latents[False].float()).abs().max().item()
-    pipe.step_graphs.batch_branches = False
+    pipe.transformer.batch_branches = False
     pipe.step_graphs.reset(pipe.precision)
     return rows
 
@@ -96,7 +96,7 @@ def main() -> None:
         "--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv"
     )
     ap.add_argument("--batch-branches", action="store_true",
-                    help="also the step graph with both CFG branches as one batch of 2 (StepGraphs.batch_branches)")
+                    help="also the step graph with both CFG branches as one batch of 2 (the DiT's batch_branches)")
     args = ap.parse_args()
     root = Path(args.root)
     ensure_checkpoint(root, device="cuda")

@@ -201,9 +201,9 @@ def test_sage_is_dispatched_on_lensrun_layout_and_only_when_asked(monkeypatch):
 
 
 def test_cfg_branches_as_one_batch_give_each_branchs_image(fake_fa3, monkeypatch):
-    """``StepGraphs.batch_branches``: the step's two forwards as one batch of 2 (the unconditional text padded,
-    left out by its key count) give the two-forward image. On the CPU the CUDA graph is stood in for by running
-    the captured step on its static buffers at every replay."""
+    """``LensTransformer.batch_branches``: a step's two forwards as one batch of 2 (the unconditional text
+    padded and left out by its key count) give the two-forward image, in the Python step loop and in a replayed
+    step graph. On the CPU the CUDA graph is stood in for by running the captured step on its static buffers."""
     from lensrun import LensPipeline, step_graph
 
     class Replayed:
@@ -216,18 +216,18 @@ def test_cfg_branches_as_one_batch_give_each_branchs_image(fake_fa3, monkeypatch
     kwargs = {"seed": 3, "height": 32, "width": 48, "num_inference_steps": 2, "output_type": "pt"}
     image_tokens = (32 // 16) * (48 // 16)
     for negative in ("", "fog"):
-        images = {}
+        images, batches = {}, {}
         for batched in (False, True):
-            pipe.step_graphs.batch_branches = batched
+            pipe.transformer.batch_branches = batched
             pipe.step_graphs.reset()
             pipe.graph_steps = True
-            pipe("a lighthouse", negative_prompt=negative, **kwargs)  # first sighting: the Python loop
             fake_fa3.clear()
-            images[batched] = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # captured, replayed
+            loop = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # first sighting: the loop
+            replayed = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # captured, replayed
             assert len(pipe.step_graphs.graphs) == 1
-            batches = {c["shape"][0] for c in fake_fa3}
-            assert batches == ({2} if batched else {1})
-        counts = fake_fa3[0]["seqused_k"]
+            images[batched], batches[batched] = (loop, replayed), {c["shape"][0] for c in fake_fa3}
+        assert batches == {False: {1}, True: {2}}
         uncond = image_tokens + (min(_text_lengths(pipe, negative)) if negative else 0)
-        assert counts == [image_tokens + min(_text_lengths(pipe, "a lighthouse")), uncond]
-        assert torch.allclose(images[True], images[False], atol=1e-5)
+        assert fake_fa3[-1]["seqused_k"] == [image_tokens + min(_text_lengths(pipe, "a lighthouse")), uncond]
+        for one_batch, two_forwards in zip(images[True], images[False], strict=True):
+            assert torch.allclose(one_batch, two_forwards, atol=1e-5)

@@ -52,10 +52,6 @@ class StepGraphs:
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
         self.graphs: GraphCache[tuple[torch.cuda.CUDAGraph, _Static]] = GraphCache(self.MAX_GRAPHS)
-        # Experiment (benchmarks/step_graphs.py --batch-branches): both CFG branches as one batch of 2 where key
-        # counts allow it (half the kernels; at 1024² the GEMMs' last wave of tiles fills better with twice the
-        # rows). Captured graphs follow the setting they were captured with: reset after changing it.
-        self.batch_branches = False
 
     @property
     def failed(self) -> str | None:
@@ -77,30 +73,12 @@ class StepGraphs:
             s.temb.index_select(0, i), [(a.index_select(0, i), b.index_select(0, i)) for a, b in s.mods]
         )
         shapes = [(1, *grid)]
-        if s.uncond is not None and self.batch_branches and s.keys[0] is not None:
-            v, v_u = self._both_branches(s, cond, shapes)
+        if s.uncond is not None:
+            v, v_u = self.transformer.forward_branches(s.latents, [s.cond, s.uncond], None, shapes, cond, s.keys)
             v = guided_velocity(v.float(), v_u.float(), cfg)
         else:
             v = self.transformer(s.latents, s.cond, None, None, shapes, step_conditioning=cond, key_counts=s.keys[0]).sample
-            if s.uncond is not None:
-                v_u = self.transformer(
-                    s.latents, s.uncond, None, None, shapes, step_conditioning=cond, key_counts=s.keys[1]
-                ).sample
-                v = guided_velocity(v.float(), v_u.float(), cfg)
         s.latents.copy_(euler_step(s.latents, v, s.sigmas.index_select(0, i), s.sigmas.index_select(0, i + 1)))
-
-    def _both_branches(self, s: _Static, cond: StepConditioning, shapes) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over [conditional; unconditional]: both texts zero-padded to the longer one, each row's key
-        count leaving its padding out (an empty text: only the image's keys), so each row is its branch's image."""
-        n = s.latents.shape[1]
-        length = max(s.cond[0].shape[1], s.uncond[0].shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))
-        text = [torch.cat([pad(c), pad(u)]) for c, u in zip(s.cond, s.uncond, strict=True)]
-        uncond_keys = s.keys[1] if s.keys[1] is not None else torch.full_like(s.keys[0], n)
-        counts = torch.cat([s.keys[0], uncond_keys])
-        latents = s.latents.expand(2, -1, -1)
-        v = self.transformer(latents, text, None, None, shapes, step_conditioning=cond, key_counts=counts).sample
-        return v[:1], v[1:]
 
     def run(
         self, latents, cond, uncond, conditioning: StepConditioning, sigmas: torch.Tensor, grid, cfg, on_step=None,
