@@ -194,7 +194,7 @@ def denoise_rows(root: str) -> list[dict]:
         if backend != "sdpa" and not (attention.installed(backend) and attention.supported(backend, pipe.device)):
             continue
         pipe.transformer.set_attention_backend(backend)
-        pipe.step_graphs.reset(pipe.precision)
+        pipe.step_graphs.reset()
         kwargs = {"height": 1024, "width": 1024, "seed": 3, "output_type": "np"}
         start = time.perf_counter()
         pipe("a lighthouse on a cliff at dusk", **kwargs)

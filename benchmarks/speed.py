@@ -161,7 +161,7 @@ def main() -> None:
             graphs = None if mode == "baseline" else {"on": p.graph_steps, "captured": len(p.step_graphs.graphs), "failed": p.step_graphs.failed}
             new_shape = None  # last: a shape's first image (bf16: the Python step loop; quantized: captured at once)
             if mode != "baseline" and p.graph_steps:
-                p.step_graphs.reset(p.precision)
+                p.step_graphs.reset()
                 new_shape, _ = timed(fn, 1)
             row = {
                 "mode": mode, "case": case, "attention": p.transformer.attention_backend,

@@ -74,7 +74,7 @@ def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
     rows, latents = [], {}
     for batched in (False, True):
         pipe.transformer.batch_branches = batched
-        pipe.step_graphs.reset(pipe.precision)
+        pipe.step_graphs.reset()
         warm, _ = timed(denoise, 1)
         timed(denoise, 1)  # captured by now under either sighting rule
         med, latents[batched] = timed(denoise, 3)
@@ -82,7 +82,7 @@ def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
         print(f"CFG branches {'as one batch of 2' if batched else 'as two forwards'}: {med:.3f} s (first {warm:.1f} s)", flush=True)
     rows[1]["max_latent_diff"] = (latents[True].float() - latents[False].float()).abs().max().item()
     pipe.transformer.batch_branches = False
-    pipe.step_graphs.reset(pipe.precision)
+    pipe.step_graphs.reset()
     return rows
 
 
@@ -135,17 +135,18 @@ def main() -> None:
     report["new_shape"] = []
     for name, r, uncond in (("Lens 1024²", req, empty), ("Turbo 1024²", turbo_req, None)):
         for sightings in (2, 1):
-            pipe.step_graphs.reset(pipe.precision)
+            pipe.step_graphs.reset()
             pipe.step_graphs.graphs.sightings = sightings
             first_s, _ = timed(lambda r=r, uncond=uncond: pipe.denoise(noise, cond, uncond, r), 1)
             row = {"case": name, "sightings": sightings, "first_image_denoise_s": first_s}
             report["new_shape"].append(row)
             print(json.dumps(row), flush=True)
+    pipe.step_graphs.follow_precision(pipe.precision)  # the rule in force again
     pipe.graph_steps = True
     report["replay_profile"] = replay_profile(lambda: pipe.denoise(noise, cond, empty, req), req.steps)
     if args.batch_branches:
         report["batch_branches"] = batch_branches(pipe, lambda: pipe.denoise(noise, cond, empty, req), req.steps)
-    pipe.step_graphs.reset(pipe.precision)
+    pipe.step_graphs.reset()
     diff = (latents[True].float() - latents[False].float()).abs().max().item()
     report["max_latent_diff"] = diff
     report["total_s"] = time.perf_counter() - t0

@@ -395,7 +395,7 @@ def test_cfg_branches_as_one_batch_give_the_two_forward_image(negative):
     images = {}
     for batched in (False, True):
         pipe.transformer.batch_branches = batched
-        pipe.step_graphs.reset(pipe.precision)
+        pipe.step_graphs.reset()
         run = lambda: pipe("a red kite over dunes", negative_prompt=negative, seed=4, **SMALL).images
         images[batched] = [run() for _ in range(3)]  # loop, capture, replay
         assert len(pipe.step_graphs.graphs) == 1 and torch.equal(images[batched][1], images[batched][2])

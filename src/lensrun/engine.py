@@ -426,7 +426,7 @@ class Engine:
         backend, why = attention.resolve(self.options.attention, plan.precision, self.device, self.pipe.dtype)
         if backend != self.pipe.transformer.attention_backend:
             self.pipe.transformer.set_attention_backend(backend)
-            self.pipe.step_graphs.reset(self.pipe.precision)  # captured steps hold the old kernels
+            self.pipe.step_graphs.reset()  # captured steps hold the old kernels
             if say is not None:
                 say(why)
 

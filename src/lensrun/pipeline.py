@@ -250,7 +250,8 @@ class LensPipeline:
         """CUDA graphs (encoder, denoising step) when compiled on CUDA and resident: a captured graph pins the
         weights' addresses, which phased and streamed plans move; any re-placement drops the graphs so far."""
         resident = self.compiled and self.device.type == "cuda" and self.plan.placement == "resident"
-        self.step_graphs.reset(self.precision)
+        self.step_graphs.reset()
+        self.step_graphs.follow_precision(self.precision)
         self.graph_steps = resident
         encoder = self.text_encoder
         if encoder is None:

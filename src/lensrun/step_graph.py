@@ -58,13 +58,16 @@ class StepGraphs:
         """Why a capture failed (no further tries until ``reset``)."""
         return self.graphs.failed
 
-    def reset(self, precision: str = "bf16") -> None:
-        """Forget every graph (they hold weight addresses: call whenever weights move or change). A shape gets
-        its graph on its second sighting in bf16, where a capture costs about what it saves on a shape seen once
-        (compiled loop against replays: 1.73 / 1.38 s at 1024², 3.47 / 3.47 s at 1440² 16:9), and on its first
-        with a torchao-quantized DiT, whose Python loop is launch-bound (fp8, a shape's first image through the
-        loop against capturing at once: 2.88 / 1.44 s Lens 1024², 0.39 / 0.33 s Turbo; H200, 2026-11-29)."""
+    def reset(self) -> None:
+        """Forget every graph (they hold weight addresses: call whenever weights move or change)."""
         self.graphs.reset()
+
+    def follow_precision(self, precision: str) -> None:
+        """A shape gets its graph on its second sighting in bf16, where a capture costs about what it saves on
+        a shape seen once (compiled loop against replays: 1.73 / 1.38 s at 1024², 3.47 / 3.47 s at 1440² 16:9),
+        and on its first with a torchao-quantized DiT, whose Python loop is launch-bound (fp8, a shape's first
+        image through the loop against capturing at once: 2.88 / 1.44 s Lens 1024², 0.39 / 0.33 s Turbo; H200,
+        2026-11-29)."""
         self.graphs.sightings = 2 if precision == "bf16" else 1
 
     def _step(self, s: _Static, grid: tuple[int, int], cfg: float) -> None:
