@@ -399,5 +399,7 @@ def test_cfg_branches_as_one_batch_give_the_two_forward_image(negative):
         run = lambda: pipe("a red kite over dunes", negative_prompt=negative, seed=4, **SMALL).images
         images[batched] = [run() for _ in range(3)]  # loop, capture, replay
         assert len(pipe.step_graphs.graphs) == 1 and torch.equal(images[batched][1], images[batched][2])
-    for loop_or_replay in (0, 2):
-        torch.testing.assert_close(images[True][loop_or_replay], images[False][loop_or_replay], rtol=2e-2, atol=2e-2)
+    for loop_or_replay in (0, 2):  # bf16 GEMMs over twice the rows round differently: ≈ 2 % of the largest
+        # latent on the CPU; a swapped branch or a padded key that counts moves it by 30-45 %
+        one_batch, two_forwards = (images[b][loop_or_replay].float() for b in (True, False))
+        assert (one_batch - two_forwards).abs().max() <= 0.05 * two_forwards.abs().max()
