@@ -68,13 +68,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def _batchable(branches: list[list[torch.Tensor]], counts: list[torch.Tensor | None]) -> bool:
-    """Whether branches can share one batch: key counts (a FlashAttention backend on one device) for every
-    branch with text, one latent row each."""
+def _batchable(latents: torch.Tensor, branches: list[list[torch.Tensor]], counts: list[torch.Tensor | None]) -> bool:
+    """Whether branches can share one batch: one latent row, and key counts (a FlashAttention backend on one
+    device) for every branch with text."""
     with_counts = [k is not None for k in counts]
     return (
-        any(with_counts)
-        and all(k is None or k.numel() == 1 for k in counts)
+        latents.shape[0] == 1
+        and any(with_counts)
         and all(has or b[0].shape[1] == 0 for b, has in zip(branches, with_counts, strict=True))
     )
 
@@ -455,7 +455,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         branch's ``forward`` argument of that name. With ``batch_branches``: one forward over the batch of
         branches (``_batched_branches``) when each has key counts or no text."""
         counts = key_counts or [None] * len(branches)
-        if self.batch_branches and len(branches) > 1 and _batchable(branches, counts):
+        if self.batch_branches and len(branches) > 1 and _batchable(hidden_states, branches, counts):
             return self._batched_branches(hidden_states, branches, img_shapes, step_conditioning, timestep, counts)
         _, gh, gw = (int(v) for v in img_shapes[0])
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
