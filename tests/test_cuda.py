@@ -107,6 +107,32 @@ def test_fused_experts_match_decoded_experts_at_full_size():
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+def test_a_capture_keeps_the_allocators_cached_blocks_and_replays_the_call():
+    """torch.cuda.graph() would empty the cache first: the 256 MiB block freed below would be given back."""
+    from lensrun.cuda_graphs import capture
+
+    x = torch.randn(512, 512, device="cuda")
+    spare = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    del spare  # cached, unused
+    reserved = torch.cuda.memory_reserved()
+    graph, out = capture(lambda: x @ x, torch.cuda.graph_pool_handle())
+    assert torch.cuda.memory_reserved() >= reserved
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, x @ x)
+
+
+def test_a_failed_capture_reports_the_calls_error_and_leaves_the_stream_usable():
+    from lensrun.cuda_graphs import GraphCache, capture
+
+    x = torch.ones(8, device="cuda")
+    cache = GraphCache(sightings=1)
+    assert cache.get("k", lambda pool: capture(lambda: x.sum().item(), pool)) is None  # .item() syncs: not capturable
+    assert cache.failed is not None and "previous error during capture" not in cache.failed  # fn's, not capture_end's
+    assert (x * 2).sum().item() == 16
+    assert cache.get("k", lambda pool: capture(lambda: x * 2, pool)) is None  # no more tries until reset
+
+
 def test_graphed_encoder_equals_eager_and_reuses_one_graph_per_bucket(gpu_pipe):
     encoder = gpu_pipe.text_encoder
     gpu_pipe.apply_plan(Plan())

@@ -3,6 +3,7 @@ get a graph (``GraphCache``)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -16,15 +17,26 @@ def capture(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
     """Run ``fn`` once on a side stream (cuBLAS/cuDNN plans, workspaces and any compilation a new shape needs
     stay out of the graph), then capture one call drawing on ``pool``; returns the graph and that call's
     (static) outputs. The capture forbids unsafe CUDA calls on this thread only: the PNG writer waits on CUDA
-    events, and a server's other replicas keep running their GPUs, while a new shape is captured."""
+    events, and a server's other replicas keep running their GPUs, while a new shape is captured.
+
+    Not the ``torch.cuda.graph`` context: it empties the allocator's device and pinned-host caches first, which
+    in a process that has run a denoise costs up to seconds, and the next run allocates it all again
+    (benchmarks/capture.py). A graph allocation that does not fit still gets the cached blocks: the allocator
+    frees them and retries before it reports out of memory."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         fn()
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            outputs = fn()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # the capture is void; the error to report is fn's
+                graph.capture_end()
+            raise
+        graph.capture_end()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        outputs = fn()
     return graph, outputs
 
 
