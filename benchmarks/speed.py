@@ -88,7 +88,6 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add rows to --json instead of starting it afresh")
     ap.add_argument("--attention", default="auto", help="backend of the compiled and fp8 modes (baseline and fast-eager: sdpa)")
     ap.add_argument("--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv")
-    ap.add_argument("--batch-branches", action="store_true", help="CFG branches as one batch of 2 (the DiT's batch_branches)")
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -128,7 +127,6 @@ def main() -> None:
         backend, why = attention.resolve(args.attention, precision, p.device, p.dtype)
         p.transformer.set_attention_backend(backend)
         p.transformer.set_fused_attention_inputs(not args.unfused)
-        p.transformer.batch_branches = args.batch_branches
         log(why)
 
     def run_mode(mode: str, p: LensPipeline) -> None:
@@ -168,7 +166,7 @@ def main() -> None:
                 new_shape, _ = timed(fn, 1)
             row = {
                 "mode": mode, "case": case, "attention": p.transformer.attention_backend,
-                "fused_inputs": mode != "baseline" and p.transformer.attention_backend in attention.FLASH and not args.unfused, "batch_branches": p.transformer.batch_branches, "denoise_s": med, "denoise_all_s": times, "denoise_new_shape_s": new_shape and new_shape[0], "warmup_s": warm_t[0], "warmup_all_s": warm_t,
+                "fused_inputs": mode != "baseline" and p.transformer.attention_backend in attention.FLASH and not args.unfused, "denoise_s": med, "denoise_all_s": times, "denoise_new_shape_s": new_shape and new_shape[0], "warmup_s": warm_t[0], "warmup_all_s": warm_t,
                 "tflops": flops / med / 1e12, "pct_of_peak": 100 * flops / med / 1e12 / PEAK_TFLOPS,
                 "e2e_first_new_prompt_s": first_new[0], "e2e_first_new_prompt_phases": first_phases, "e2e_s": statistics.median(e2e) if e2e else None,
                 "e2e_cached_prompt_s": statistics.median(cached) if cached else None,

@@ -10,8 +10,7 @@ The Python loop is what every image of a shape not seen before runs (a new text 
 time with and without the one-pass attention inputs (``--unfused``) is the user's, not only the replays'; the
 ``new_shape`` rows compare that loop with capturing the step at once (``GraphCache(sightings=1)``) for Lens and
 Turbo — whether the first image of a shape should capture (fp8's loop took 2.4 s against 1.1 s replayed). Last,
-one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph);
-``--batch-branches``: the same with both CFG branches as one batch of 2 (``LensTransformer.batch_branches``).
+one replayed denoise under the profiler: kernel time against wall time per step (the GPU's idle time in the graph).
 """
 
 from __future__ import annotations
@@ -46,7 +45,8 @@ def replay_profile(denoise, steps: int) -> dict:
     """One denoise replayed from its step graphs under the profiler: the GPU's time in kernels against the wall
     time per step. What is left is idle time between kernels inside the graphs (a dependent kernel's launch and
     its predecessor's tail), which only fewer kernels can remove."""
-    denoise()  # the shape's graph exists; this makes sure nothing is captured under the profiler
+    for _ in range(2):  # the shape's graph exists after these under either sighting rule: none is captured below
+        denoise()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -68,24 +68,6 @@ def replay_profile(denoise, steps: int) -> dict:
     return out
 
 
-def batch_branches(pipe: LensPipeline, denoise, steps: int) -> list[dict]:
-    """Replayed 1024² denoise with the CFG branches as two forwards, then as one batch of 2 (its first capture
-    compiles the blocks for a batch of 2): median of 3, the replay profile, the largest latent difference."""
-    rows, latents = [], {}
-    for batched in (False, True):
-        pipe.transformer.batch_branches = batched
-        pipe.step_graphs.reset()
-        warm, _ = timed(denoise, 1)
-        timed(denoise, 1)  # captured by now under either sighting rule
-        med, latents[batched] = timed(denoise, 3)
-        rows.append({"batched": batched, "first_s": warm, "denoise_s": med, "profile": replay_profile(denoise, steps)})
-        print(f"CFG branches {'as one batch of 2' if batched else 'as two forwards'}: {med:.3f} s (first {warm:.1f} s)", flush=True)
-    rows[1]["max_latent_diff"] = (latents[True].float() - latents[False].float()).abs().max().item()
-    pipe.transformer.batch_branches = False
-    pipe.step_graphs.reset()
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/lens-full")
@@ -95,8 +77,6 @@ def main() -> None:
     ap.add_argument(
         "--unfused", action="store_true", help="FlashAttention's inputs by Inductor's kernels, not lensrun.joint_qkv"
     )
-    ap.add_argument("--batch-branches", action="store_true",
-                    help="also the step graph with both CFG branches as one batch of 2 (the DiT's batch_branches)")
     args = ap.parse_args()
     root = Path(args.root)
     ensure_checkpoint(root, device="cuda")
@@ -144,8 +124,6 @@ def main() -> None:
     pipe.step_graphs.follow_precision(pipe.precision)  # the rule in force again
     pipe.graph_steps = True
     report["replay_profile"] = replay_profile(lambda: pipe.denoise(noise, cond, empty, req), req.steps)
-    if args.batch_branches:
-        report["batch_branches"] = batch_branches(pipe, lambda: pipe.denoise(noise, cond, empty, req), req.steps)
     pipe.step_graphs.reset()
     diff = (latents[True].float() - latents[False].float()).abs().max().item()
     report["max_latent_diff"] = diff

@@ -200,10 +200,11 @@ def test_sage_is_dispatched_on_lensrun_layout_and_only_when_asked(monkeypatch):
     assert attention.resolve("auto", "bf16", CPU)[0] == "sdpa"
 
 
-def test_cfg_branches_as_one_batch_give_each_branchs_image(fake_fa3, monkeypatch):
-    """``LensTransformer.batch_branches``: a step's two forwards as one batch of 2 (the unconditional text
-    padded and left out by its key count) give the two-forward image, in the Python step loop and in a replayed
-    step graph. On the CPU the CUDA graph is stood in for by running the captured step on its static buffers."""
+def test_a_replayed_cfg_step_gives_the_loops_image_with_each_branchs_key_count(fake_fa3, monkeypatch):
+    """The step graph runs its CFG step through ``forward_branches`` (block by block, both branches): the
+    replayed image is the Python loop's, each branch attending over its own keys (an empty negative prompt: the
+    image's keys alone, no count). On the CPU the CUDA graph is stood in for by running the captured step on its
+    static buffers."""
     from lensrun import LensPipeline, step_graph
 
     class Replayed:
@@ -215,19 +216,15 @@ def test_cfg_branches_as_one_batch_give_each_branchs_image(fake_fa3, monkeypatch
     pipe.transformer.set_attention_backend("fa3")
     kwargs = {"seed": 3, "height": 32, "width": 48, "num_inference_steps": 2, "output_type": "pt"}
     image_tokens = (32 // 16) * (48 // 16)
+    cond_keys = image_tokens + min(_text_lengths(pipe, "a lighthouse"))
     for negative in ("", "fog"):
-        images, batches = {}, {}
-        for batched in (False, True):
-            pipe.transformer.batch_branches = batched
-            pipe.step_graphs.reset()
-            pipe.graph_steps = True
-            fake_fa3.clear()
-            loop = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # first sighting: the loop
-            replayed = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # captured, replayed
-            assert len(pipe.step_graphs.graphs) == 1
-            images[batched], batches[batched] = (loop, replayed), {c["shape"][0] for c in fake_fa3}
-        assert batches == {False: {1}, True: {2}}
-        uncond = image_tokens + (min(_text_lengths(pipe, negative)) if negative else 0)
-        assert fake_fa3[-1]["seqused_k"] == [image_tokens + min(_text_lengths(pipe, "a lighthouse")), uncond]
-        for one_batch, two_forwards in zip(images[True], images[False], strict=True):
-            assert torch.allclose(one_batch, two_forwards, atol=1e-5)
+        pipe.step_graphs.reset()
+        pipe.graph_steps = True
+        loop = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # first sighting: the loop
+        fake_fa3.clear()
+        replayed = pipe("a lighthouse", negative_prompt=negative, **kwargs).images  # captured, replayed
+        assert len(pipe.step_graphs.graphs) == 1
+        uncond_keys = [image_tokens + min(_text_lengths(pipe, negative))] if negative else None
+        assert {c["shape"][0] for c in fake_fa3} == {1}
+        assert [c["seqused_k"] for c in fake_fa3[-2:]] == [[cond_keys], uncond_keys]
+        assert torch.allclose(replayed, loop, atol=1e-5)

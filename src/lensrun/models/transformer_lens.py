@@ -68,17 +68,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def _batchable(latents: torch.Tensor, branches: list[list[torch.Tensor]], counts: list[torch.Tensor | None]) -> bool:
-    """Whether branches can share one batch: one latent row, and key counts (a FlashAttention backend on one
-    device) for every branch with text."""
-    with_counts = [k is not None for k in counts]
-    return (
-        latents.shape[0] == 1
-        and any(with_counts)
-        and all(has or b[0].shape[1] == 0 for b, has in zip(branches, with_counts, strict=True))
-    )
-
-
 class SwiGLU(nn.Module):
     """Gated MLP without biases: w2(SiLU(w1 x) · w3 x)."""
 
@@ -360,11 +349,6 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compiled_gate: CompiledGate | None = None  # set by compile_blocks
         self.sequence = None  # a lensrun.parallel.Sequence: the latents given are this rank's slice
-        # Experiment (benchmarks/step_graphs.py --batch-branches): ``forward_branches`` runs the branches as one
-        # batch where key counts allow it — half the kernels, and at 1024² the GEMMs' last wave of tiles fills
-        # better with twice the rows. Compiled blocks compile once more for a batch of 2; captured step graphs
-        # follow the setting they were captured with (reset them after changing it).
-        self.batch_branches = False
 
     def set_attention_backend(self, name: str) -> None:
         """Every block's joint attention through ``name``: a ``lensrun.attention`` backend, or diffusers'
@@ -452,11 +436,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         """Mask-free velocities for several text conditions of the same latents, block by block: each block's
         weights are used for every branch before the next block's (weights that travel per block, as under a
         streaming plan, travel once per step). Same arithmetic as one ``forward`` per branch; ``key_counts``: a
-        branch's ``forward`` argument of that name. With ``batch_branches``: one forward over the batch of
-        branches (``_batched_branches``) when each has key counts or no text."""
+        branch's ``forward`` argument of that name."""
         counts = key_counts or [None] * len(branches)
-        if self.batch_branches and len(branches) > 1 and _batchable(hidden_states, branches, counts):
-            return self._batched_branches(hidden_states, branches, img_shapes, step_conditioning, timestep, counts)
         _, gh, gw = (int(v) for v in img_shapes[0])
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
         dtype = self.img_in.weight.dtype
@@ -471,27 +452,6 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                 for (x, c), (cos, sin), keys in zip(states, ropes, counts, strict=True)
             ]
         return [self.proj_out(self.norm_out(x, cond.temb)) for x, _ in states]
-
-    def _batched_branches(
-        self,
-        hidden_states: torch.Tensor,
-        branches: list[list[torch.Tensor]],
-        img_shapes: list[tuple[int, int, int]],
-        step_conditioning: StepConditioning | None,
-        timestep: torch.Tensor,
-        counts: list[torch.Tensor | None],
-    ) -> list[torch.Tensor]:
-        """The branches as rows of one batch: every text zero-padded to the longest, each row's key count leaving
-        its padding out (a branch without text: the image's keys only), so each row is its branch's velocity."""
-        n = hidden_states.shape[1]
-        length = max(b[0].shape[1] for b in branches)
-        pad = lambda t: F.pad(t, (0, 0, 0, length - t.shape[1]))
-        text = [torch.cat([pad(b[layer]) for b in branches]) for layer in range(len(branches[0]))]
-        like = next(k for k in counts if k is not None)
-        keys = torch.cat([k if k is not None else torch.full_like(like, n) for k in counts])
-        latents = hidden_states.expand(len(branches), -1, -1)
-        out = self(latents, text, None, timestep, img_shapes, step_conditioning=step_conditioning, key_counts=keys)
-        return list(out.sample.split(1))
 
     def embed_text(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer RMSNorm (fp32 variance), concat in layer order, project to the model width."""
