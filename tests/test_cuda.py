@@ -122,6 +122,25 @@ def test_a_capture_keeps_the_allocators_cached_blocks_and_replays_the_call():
     torch.testing.assert_close(out, x @ x)
 
 
+def test_a_capture_that_needs_the_cached_blocks_empties_the_cache_and_succeeds():
+    """During a capture the allocator cannot free cached blocks: the warm-up's own 256 MiB output, cached on the
+    side stream, leaves no room under the limit for the graph's copy until the cache is emptied."""
+    from lensrun.cuda_graphs import capture
+
+    torch.cuda.empty_cache()
+    mib = 2**20
+    total = torch.cuda.get_device_properties(0).total_memory
+    x = torch.randn(16 * mib, device="cuda")  # 64 MiB
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 448 * mib) / total)
+    try:
+        graph, out = capture(lambda: x.repeat(4), torch.cuda.graph_pool_handle())  # 256 MiB
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, x.repeat(4))
+
+
 def test_a_failed_capture_reports_the_calls_error_and_leaves_the_stream_usable():
     from lensrun.cuda_graphs import GraphCache, capture
 

@@ -19,24 +19,34 @@ def capture(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
     (static) outputs. The capture forbids unsafe CUDA calls on this thread only: the PNG writer waits on CUDA
     events, and a server's other replicas keep running their GPUs, while a new shape is captured.
 
-    Not the ``torch.cuda.graph`` context: it empties the allocator's device and pinned-host caches first, which
-    in a process that has run a denoise costs up to seconds, and the next run allocates it all again
-    (benchmarks/capture.py). A graph allocation that does not fit still gets the cached blocks: the allocator
-    frees them and retries before it reports out of memory."""
+    Not the ``torch.cuda.graph`` context: it empties the allocator's device and pinned-host caches before every
+    capture, which in a process that has run a denoise costs up to seconds, and the next runs allocate it all
+    again (benchmarks/capture_cost.py). During a capture the allocator cannot give cached blocks back, so a
+    capture that runs out of memory empties the device cache and is recorded once more."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         fn()
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
-            outputs = fn()
-        except BaseException:
-            with contextlib.suppress(RuntimeError):  # the capture is void; the error to report is fn's
-                graph.capture_end()
-            raise
-        graph.capture_end()
+            graph, outputs = _record(fn, pool)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            graph, outputs = _record(fn, pool)
     torch.cuda.current_stream().wait_stream(side)
+    return graph, outputs
+
+
+def _record(fn: Callable[[], T], pool) -> tuple[torch.cuda.CUDAGraph, T]:
+    """One call of ``fn`` captured into a new graph on the current stream."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        outputs = fn()
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # the capture is void; the error to report is fn's
+            graph.capture_end()
+        raise
+    graph.capture_end()
     return graph, outputs
 
 
