@@ -4,7 +4,8 @@ First four 4-step 1024² denoises of one shape (compile, loop, capture, replay);
 see any recompilation. Then lensrun's capture against the ``torch.cuda.graph`` context it replaced (which empties
 the allocator's device and pinned-host caches before every capture), alternating, twice each, in this process
 that has run denoises: the encoder's graph for a new padded length (the second new prompt captures it), then the
-step graph for a new shape (its second sighting), each followed by a run that allocates whatever was freed.
+step graph for a new shape (the sighting that captures it under the precision's rule), each followed by a run that
+allocates whatever was freed.
 
     TORCH_LOGS=recompiles python benchmarks/capture_cost.py --precision fp8 --json capture.json
 """
@@ -59,7 +60,8 @@ def compare(p: LensPipeline, cond, empty, noise, req) -> list[dict]:
             emptied = (reserved - torch.cuda.memory_reserved()) / 2**30
             after_encoder = seconds(lambda: p.denoise(noise, cond, empty, req))  # replayed: allocates what was freed
             p.step_graphs.reset()
-            p.denoise(noise, cond, empty, req)  # first sighting in bf16 (a quantized DiT captures here already)
+            for _ in range(p.step_graphs.graphs.sightings - 1):  # the loop, until the sighting that captures
+                p.denoise(noise, cond, empty, req)
             step_capture = seconds(lambda: p.denoise(noise, cond, empty, req))
             replay = statistics.median(seconds(lambda: p.denoise(noise, cond, empty, req)) for _ in range(3))
             row = {"method": name, "round": round_, "encoder_capture_s": encoder_capture, "emptied_gib": emptied,

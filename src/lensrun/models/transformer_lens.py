@@ -437,7 +437,6 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         weights are used for every branch before the next block's (weights that travel per block, as under a
         streaming plan, travel once per step). Same arithmetic as one ``forward`` per branch; ``key_counts``: a
         branch's ``forward`` argument of that name."""
-        counts = key_counts or [None] * len(branches)
         _, gh, gw = (int(v) for v in img_shapes[0])
         cond = step_conditioning if step_conditioning is not None else self.conditioning(timestep)
         dtype = self.img_in.weight.dtype
@@ -446,6 +445,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         ropes = [self.rope((gh, gw), c.shape[1], x0.device) for _, c in states]
         for (x, c), (cos, sin) in zip(states, ropes, strict=True):
             self._symbolic_tokens(x, c, cos, sin)
+        counts = key_counts or [None] * len(branches)
         for i, block in enumerate(self.transformer_blocks):
             states = [
                 block(x, c, cond.mods[i], cos, sin, keys)
